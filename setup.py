@@ -35,6 +35,6 @@ setup(
         "dev": ["pytest"],
     },
     entry_points={
-        "dinov2.extensions": ["vet_ext = vet_ext"],
+        "dinov2.extensions": ["vet_ext = vet_ext.registration:register"],
     },
 )
