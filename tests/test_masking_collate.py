@@ -98,7 +98,7 @@ def test_collate_keys_shapes_dtypes_match_upstream_example(masking_reference):
             assert out[key].shape == (int(out["collated_masks"].sum()),)
         else:
             assert list(out[key].shape) == shape and str(out[key].dtype) == dtype
-    assert set(out) == set(ref["keys_shapes_dtypes"]) | {"teacher_global_index"}
+    assert set(out) == set(ref["keys_shapes_dtypes"]) | {"teacher_global_index", "n_global_crops"}
 
 
 def test_collate_is_crop_major_and_casts():
@@ -124,6 +124,7 @@ def test_collate_handles_any_number_of_global_crops_and_no_local_crops():
     assert out["collated_masks"].shape == (9, 16)
     assert (out["collated_masks"].sum(1) > 0).sum() <= int(9 * 0.5)
     assert out["teacher_global_index"].tolist() == list(range(9))
+    assert out["n_global_crops"] == 3
 
 
 @pytest.mark.parametrize("images_per_gpu", ["8", "32", "64"])

@@ -64,6 +64,7 @@ def collate_data_and_cast(
         "upperbound": upperbound,
         "n_masked_patches": torch.full((1,), fill_value=len(mask_indices_list), dtype=torch.long),
         "teacher_global_index": torch.arange(n_crops, dtype=torch.int64),
+        "n_global_crops": len(crops[0]["global_crops"]),
     }
 
 
