@@ -1,0 +1,28 @@
+"""Datasets, augmentation pipelines and loaders; importing the package registers the built-ins."""
+from dinov2.data.registry import (
+    Pipeline,
+    load_extensions,
+    make_dataset,
+    make_pipeline,
+    parse_dataset_str,
+    register_dataset,
+    register_pipeline,
+)
+from dinov2.data import datasets, pipelines  # noqa: F401  (imported to register the built-ins)
+from dinov2.data.augmentations import DataAugmentationDINO
+from dinov2.data.loaders import make_data_loader, make_training_loader
+from dinov2.data.samplers import SamplerType
+
+__all__ = [
+    "DataAugmentationDINO",
+    "Pipeline",
+    "SamplerType",
+    "load_extensions",
+    "make_data_loader",
+    "make_dataset",
+    "make_pipeline",
+    "make_training_loader",
+    "parse_dataset_str",
+    "register_dataset",
+    "register_pipeline",
+]

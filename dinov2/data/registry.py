@@ -1,0 +1,134 @@
+"""Name -> factory registries for datasets and data pipelines, open to plug-ins.
+
+A dataset string such as "ImageFolder:root=/data/xrays" names a registered factory and its
+keyword arguments; a pipeline (per-sample augmentation + per-batch collate) is chosen by
+`train.pipeline`. Packages extend both without dinov2 importing them: they declare an entry
+point in the group "dinov2.extensions" and register themselves when it is loaded.
+"""
+import importlib.metadata
+import inspect
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+
+from dinov2.utils.errors import UserError
+
+EXTENSIONS_GROUP = "dinov2.extensions"
+
+_DATASETS: dict[str, Callable[..., Any]] = {}
+_PIPELINES: dict[str, Callable[[DictConfig], "Pipeline"]] = {}
+_extensions_loaded = False
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What turns dataset items into training batches.
+
+    `transform(image, generator)` augments one image into a dict of crops; `collate(samples, rng)`
+    turns a list of (crops, target) into the batch dict the meta-architecture consumes. Both get
+    their randomness explicitly so the loader can make every batch reproducible.
+    """
+
+    transform: Callable[[Any, torch.Generator], dict]
+    collate: Callable[[list[tuple[dict, Any]], random.Random], dict]
+
+
+def register_dataset(name: str) -> Callable:
+    """Decorator: `factory(transform=..., target_transform=..., **string_kwargs)` serves `name`."""
+
+    def decorator(factory: Callable) -> Callable:
+        _DATASETS[name] = factory
+        return factory
+
+    return decorator
+
+
+def register_pipeline(name: str) -> Callable:
+    """Decorator: `builder(cfg) -> Pipeline` serves `train.pipeline: name`."""
+
+    def decorator(builder: Callable[[DictConfig], Pipeline]) -> Callable[[DictConfig], Pipeline]:
+        _PIPELINES[name] = builder
+        return builder
+
+    return decorator
+
+
+def load_extensions() -> None:
+    """Import every installed dinov2 extension once per process (calling it if it is callable).
+
+    A broken extension must not stop runs that do not need it, so its failure is a warning.
+    """
+    global _extensions_loaded
+    if _extensions_loaded:
+        return
+    _extensions_loaded = True
+    for entry_point in importlib.metadata.entry_points(group=EXTENSIONS_GROUP):
+        try:
+            loaded = entry_point.load()
+            if callable(loaded):
+                loaded()
+        except Exception as exc:  # noqa: BLE001 - any failure of a plug-in is reported, not fatal
+            warnings.warn(
+                f"dinov2 extension '{entry_point.name}' ({entry_point.value}) failed to load: "
+                f"{type(exc).__name__}: {exc}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
+def parse_dataset_str(dataset_str: str) -> tuple[str, dict[str, str | list[str]]]:
+    """"Name:key=value:key=value" -> (name, kwargs); a repeated key collects a list, in order."""
+    name, *parts = dataset_str.split(":")
+    if not name:
+        raise UserError(f"dataset string '{dataset_str}' has no dataset name before the first ':'")
+    kwargs: dict[str, str | list[str]] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise UserError(f"dataset string '{dataset_str}': '{part}' is not of the form key=value")
+        if key not in kwargs:
+            kwargs[key] = value
+        elif isinstance(kwargs[key], list):
+            kwargs[key].append(value)
+        else:
+            kwargs[key] = [kwargs[key], value]
+    return name, kwargs
+
+
+def _reject_unaccepted_keys(factory: Callable, name: str, dataset_str: str, kwargs: dict) -> None:
+    """Check the keys against the factory's signature: a TypeError from inside it is a bug, not a typo."""
+    try:
+        inspect.signature(factory).bind(transform=None, target_transform=None, **kwargs)
+    except TypeError as exc:
+        parameters = inspect.signature(factory).parameters
+        unknown = [key for key in kwargs if key not in parameters]
+        accepted = ", ".join(p for p in parameters if p not in ("transform", "target_transform"))
+        problem = f"unknown key '{unknown[0]}'" if unknown else str(exc)
+        raise UserError(
+            f"dataset '{name}' in '{dataset_str}': {problem}; accepted keys: {accepted or 'none'}"
+        ) from exc
+
+
+def make_dataset(dataset_str: str, transform: Callable | None = None, target_transform: Callable | None = None):
+    """The dataset described by `dataset_str`; items are (image, target)."""
+    load_extensions()
+    name, kwargs = parse_dataset_str(dataset_str)
+    factory = _DATASETS.get(name)
+    if factory is None:
+        raise UserError(f"unknown dataset '{name}' in '{dataset_str}'; known: {', '.join(sorted(_DATASETS))}")
+    _reject_unaccepted_keys(factory, name, dataset_str, kwargs)
+    return factory(transform=transform, target_transform=target_transform, **kwargs)
+
+
+def make_pipeline(cfg: DictConfig) -> Pipeline:
+    """The pipeline named by `cfg.train.pipeline`, built from `cfg`."""
+    load_extensions()
+    name = cfg.train.pipeline
+    builder = _PIPELINES.get(name)
+    if builder is None:
+        raise UserError(f"unknown train.pipeline '{name}'; known: {', '.join(sorted(_PIPELINES))}")
+    return builder(cfg)

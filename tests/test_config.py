@@ -1,0 +1,181 @@
+"""Configuration: upstream's defaults and shipped files, project keys, strict overrides."""
+import json
+import math
+import os
+from argparse import Namespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dinov2.configs import CONFIGS_DIR, dinov2_default_config, load_and_merge_config
+from dinov2.utils.config import apply_scaling_rules_to_cfg, get_cfg_from_args, setup, write_config
+from dinov2.utils.errors import UserError
+
+PROJECT_KEYS = {
+    "train.pipeline": "dino",
+    "train.device": "auto",
+    "train.checkpoint_period_iterations": 0,
+    "train.max_to_keep": 3,
+    "train.log_period_iterations": 10,
+    "train.max_consecutive_nonfinite": 5,
+    "crops.mean": [0.485, 0.456, 0.406],
+    "crops.std": [0.229, 0.224, 0.225],
+}
+
+
+@pytest.fixture
+def reference(fixtures_dir):
+    return json.loads((fixtures_dir / "configs.json").read_text())
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _assert_contains(ours: dict, upstream: dict) -> None:
+    ours_flat = _leaves(ours)
+    for key, expected in _leaves(upstream).items():
+        assert key in ours_flat, f"missing upstream key {key}"
+        assert ours_flat[key] == expected and type(ours_flat[key]) is type(expected), (key, ours_flat[key], expected)
+
+
+def test_default_config_has_every_upstream_key_with_its_value(reference):
+    _assert_contains(OmegaConf.to_container(dinov2_default_config), reference["ssl_default_config"])
+
+
+def test_default_config_adds_exactly_the_project_keys(reference):
+    ours = _leaves(OmegaConf.to_container(dinov2_default_config))
+    extra = {key: ours[key] for key in ours.keys() - _leaves(reference["ssl_default_config"]).keys()}
+    assert extra == PROJECT_KEYS
+
+
+def test_every_project_key_is_documented_by_a_comment():
+    lines = (CONFIGS_DIR / "ssl_default_config.yaml").read_text().splitlines()
+    for dotted in PROJECT_KEYS:
+        leaf = dotted.split(".")[-1]
+        line = next(line for line in lines if line.strip().startswith(f"{leaf}:"))
+        assert "#" in line and line.split("#", 1)[1].strip(), f"{dotted} has no comment"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "train/vitg14.yaml",
+        "train/vitl14.yaml",
+        "train/vitl16_short.yaml",
+        *[f"eval/vit{s}14{r}_pretrain.yaml" for s in "sblg" for r in ("", "_reg4")],
+    ],
+)
+def test_shipped_upstream_configs_merge_to_upstream_result(reference, name):
+    merged = load_and_merge_config(name.removesuffix(".yaml"))
+    _assert_contains(OmegaConf.to_container(merged), reference[name]["merged"])
+    # the file's own keys must also pass the strict check of user-given files
+    strict = get_cfg_from_args(Namespace(config_file=str(CONFIGS_DIR / name), opts=[]))
+    assert strict == merged
+
+
+def test_smoke_config_is_small_and_strictly_valid():
+    cfg = get_cfg_from_args(Namespace(config_file=str(CONFIGS_DIR / "train/vits14_cpu_smoke.yaml"), opts=[]))
+    assert cfg.student.arch == "vit_small" and cfg.student.patch_size == 14
+    assert cfg.crops.global_crops_size % cfg.student.patch_size == 0
+    assert cfg.crops.local_crops_size % cfg.student.patch_size == 0
+    assert cfg.train.dataset_path == "Synthetic:n=256"
+    assert cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH == 10
+    assert cfg.dino.head_n_prototypes == 1024 and cfg.train.num_workers == 0
+
+
+def test_command_line_overrides_parse_values_and_win_over_file(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("optim:\n  base_lr: 0.5\ntrain:\n  seed: 3\n")
+    args = Namespace(config_file=str(config_file), opts=["train.seed=7", "crops.global_crops_scale=[0.5,1.0]"])
+    cfg = get_cfg_from_args(args)
+    assert cfg.optim.base_lr == 0.5
+    assert cfg.train.seed == 7
+    assert list(cfg.crops.global_crops_scale) == [0.5, 1.0]
+
+
+def test_unknown_key_from_command_line_is_named():
+    with pytest.raises(UserError, match=r"unknown config key 'optim\.baselr' \(from command line\)"):
+        get_cfg_from_args(Namespace(config_file="", opts=["optim.baselr=0.1"]))
+
+
+def test_unknown_key_inside_config_file_names_key_and_file(tmp_path):
+    config_file = tmp_path / "typo.yaml"
+    config_file.write_text("student:\n  arch: vit_small\n  drop_path: 0.1\n")
+    with pytest.raises(UserError, match=rf"unknown config key 'student\.drop_path' \(from {config_file}\)"):
+        get_cfg_from_args(Namespace(config_file=str(config_file), opts=[]))
+
+
+def test_unknown_section_is_reported_by_its_full_key(tmp_path):
+    config_file = tmp_path / "typo.yaml"
+    config_file.write_text("optimizer:\n  lr: 1\n")
+    with pytest.raises(UserError, match=r"unknown config key 'optimizer\.lr' \(from "):
+        get_cfg_from_args(Namespace(config_file=str(config_file), opts=[]))
+    with pytest.raises(UserError, match=r"unknown config key 'a\.b\.c' \(from command line\)"):
+        get_cfg_from_args(Namespace(config_file="", opts=["a.b.c=1"]))
+
+
+@pytest.mark.parametrize(
+    "opt, message",
+    [("train.seed.offset=1", "'train.seed' must be a single value"), ("MODEL=3", "'MODEL' must be a section")],
+)
+def test_value_and_section_cannot_replace_each_other(opt, message):
+    with pytest.raises(UserError, match=message):
+        get_cfg_from_args(Namespace(config_file="", opts=[opt]))
+
+
+def test_missing_config_file_is_named(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(UserError, match="nope.yaml"):
+        get_cfg_from_args(Namespace(config_file=str(missing), opts=[]))
+
+
+def test_yaml_syntax_error_names_file(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  seed: [1, 2\n")
+    with pytest.raises(UserError, match="broken.yaml"):
+        get_cfg_from_args(Namespace(config_file=str(broken), opts=[]))
+
+
+def test_override_without_equals_sign_is_a_user_error():
+    with pytest.raises(UserError, match="train.seed"):
+        get_cfg_from_args(Namespace(config_file="", opts=["train.seed"]))
+
+
+def test_sqrt_scaling_rule():
+    cfg = OmegaConf.create(dinov2_default_config)
+    cfg.train.batch_size_per_gpu = 256
+    apply_scaling_rules_to_cfg(cfg)
+    assert math.isclose(cfg.optim.lr, 0.004 * 0.5, rel_tol=1e-12)
+
+
+def test_unknown_scaling_rule_is_a_user_error():
+    cfg = OmegaConf.create(dinov2_default_config)
+    cfg.optim.scaling_rule = "linear_wrt_256"
+    with pytest.raises(UserError, match="linear_wrt_256"):
+        apply_scaling_rules_to_cfg(cfg)
+
+
+def test_write_config_round_trips_and_leaves_no_temporary_file(tmp_path):
+    cfg = OmegaConf.create(dinov2_default_config)
+    path = write_config(cfg, tmp_path)
+    assert OmegaConf.load(path) == cfg
+    assert os.listdir(tmp_path) == ["config.yaml"]
+
+
+def test_setup_creates_output_dir_scales_lr_and_saves_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = Namespace(config_file="", output_dir="out/run1", opts=["train.batch_size_per_gpu=16", "train.seed=5"])
+    cfg = setup(args)
+    output_dir = tmp_path / "out" / "run1"
+    assert cfg.train.output_dir == str(output_dir)
+    assert math.isclose(cfg.optim.lr, 0.004 * math.sqrt(16 / 1024), rel_tol=1e-12)
+    assert OmegaConf.load(output_dir / "config.yaml") == cfg
+    assert torch.initial_seed() == 5  # train.seed + rank 0
