@@ -174,49 +174,48 @@ class Trainer:
         self.model.train()
         nonfinite_total, nonfinite_in_row = 0, 0
         last_saved = self.checkpointer.last_checkpoint()
-        progress = tqdm(total=self.max_iter, initial=start_iter, desc="train", unit="it", disable=not is_main_process(), dynamic_ncols=True)
-        data_iter = iter(loader)
-        iter_end = time.perf_counter()
-        iteration = start_iter
-        for iteration in range(start_iter, self.max_iter):
-            batch = _to_device(next(data_iter), self.device)
-            data_time = time.perf_counter() - iter_end
-            torch.manual_seed(_iteration_seed(cfg.train.seed, get_global_rank(), iteration))
-            values = self.schedules.at(iteration)
-            stepped, total, loss_dict = self.train_step(batch, values)
-            if stepped:
-                nonfinite_in_row = 0
-                metrics.update(total_loss=sum(loss_dict.values()), **loss_dict)
-            else:
-                nonfinite_total += 1
-                nonfinite_in_row += 1
-                logger.warning("iteration %d: non-finite loss or gradient, step skipped", iteration)
-                if nonfinite_in_row >= cfg.train.max_consecutive_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{nonfinite_in_row} non-finite losses in a row (iteration {iteration}); "
-                        f"stopped; last good checkpoint: {last_saved or 'none'}"
-                    )
-            metrics.update(
-                iter_time=time.perf_counter() - iter_end,
-                data_time=data_time,
-                lr=values["lr"],
-                wd=values["wd"],
-                mom=values["mom"],
-                last_layer_lr=values["last_layer_lr"],
-                current_batch_size=batch["collated_global_crops"].shape[0] // int(batch.get("n_global_crops", 2)),
-            )
-            is_last = iteration == self.max_iter - 1
-            if iteration % cfg.train.log_period_iterations == 0 or is_last:
-                record = metrics.write(iteration, nonfinite_steps=nonfinite_total)
-                progress.set_postfix(loss=f"{record.get('total_loss', math.nan):.3f}", lr=f"{values['lr']:.2e}")
-            if (iteration + 1) % cfg.evaluation.eval_period_iterations == 0 or is_last:
-                if is_main_process():
-                    self.export(f"training_{iteration}")
-            if (iteration + 1) % self.checkpoint_period == 0 or is_last:
-                last_saved = self.checkpointer.save(self.state(), iteration, final=is_last)
-            progress.update(1)
+        # The bar is closed (its line ended) even when the run stops with an error.
+        with tqdm(total=self.max_iter, initial=start_iter, desc="train", unit="it", disable=not is_main_process(), dynamic_ncols=True) as progress:
+            data_iter = iter(loader)
             iter_end = time.perf_counter()
-        progress.close()
+            for iteration in range(start_iter, self.max_iter):
+                batch = _to_device(next(data_iter), self.device)
+                data_time = time.perf_counter() - iter_end
+                torch.manual_seed(_iteration_seed(cfg.train.seed, get_global_rank(), iteration))
+                values = self.schedules.at(iteration)
+                stepped, total, loss_dict = self.train_step(batch, values)
+                if stepped:
+                    nonfinite_in_row = 0
+                    metrics.update(total_loss=sum(loss_dict.values()), **loss_dict)
+                else:
+                    nonfinite_total += 1
+                    nonfinite_in_row += 1
+                    logger.warning("iteration %d: non-finite loss or gradient, step skipped", iteration)
+                    if nonfinite_in_row >= cfg.train.max_consecutive_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{nonfinite_in_row} non-finite losses in a row (iteration {iteration}); "
+                            f"stopped; last good checkpoint: {last_saved or 'none'}"
+                        )
+                metrics.update(
+                    iter_time=time.perf_counter() - iter_end,
+                    data_time=data_time,
+                    lr=values["lr"],
+                    wd=values["wd"],
+                    mom=values["mom"],
+                    last_layer_lr=values["last_layer_lr"],
+                    current_batch_size=batch["collated_global_crops"].shape[0] // int(batch.get("n_global_crops", 2)),
+                )
+                is_last = iteration == self.max_iter - 1
+                if iteration % cfg.train.log_period_iterations == 0 or is_last:
+                    record = metrics.write(iteration, nonfinite_steps=nonfinite_total)
+                    progress.set_postfix(loss=f"{record.get('total_loss', math.nan):.3f}", lr=f"{values['lr']:.2e}")
+                if (iteration + 1) % cfg.evaluation.eval_period_iterations == 0 or is_last:
+                    if is_main_process():
+                        self.export(f"training_{iteration}")
+                if (iteration + 1) % self.checkpoint_period == 0 or is_last:
+                    last_saved = self.checkpointer.save(self.state(), iteration, final=is_last)
+                progress.update(1)
+                iter_end = time.perf_counter()
         return {"iterations": self.max_iter - start_iter, "nonfinite_steps": nonfinite_total, "last_checkpoint": str(last_saved)}
 
 
