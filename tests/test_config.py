@@ -19,6 +19,7 @@ PROJECT_KEYS = {
     "train.max_to_keep": 3,
     "train.log_period_iterations": 10,
     "train.max_consecutive_nonfinite": 5,
+    "train.head_warmup_iterations": 0,
     "crops.mean": [0.485, 0.456, 0.406],
     "crops.std": [0.229, 0.224, 0.225],
 }
@@ -179,3 +180,15 @@ def test_setup_creates_output_dir_scales_lr_and_saves_config(tmp_path, monkeypat
     assert math.isclose(cfg.optim.lr, 0.004 * math.sqrt(16 / 1024), rel_tol=1e-12)
     assert OmegaConf.load(output_dir / "config.yaml") == cfg
     assert torch.initial_seed() == 5  # train.seed + rank 0
+
+
+def test_extension_config_defaults_add_keys_but_never_change_existing_ones(monkeypatch, tmp_path):
+    from dinov2 import configs
+
+    monkeypatch.setattr(configs, "_extension_defaults", [])
+    configs.register_config_defaults("vet", {"crops": {"min_views_per_study": 1}})
+    args = Namespace(config_file="", output_dir=str(tmp_path), opts=["crops.min_views_per_study=2"])
+    assert get_cfg_from_args(args).crops.min_views_per_study == 2
+    assert get_cfg_from_args(Namespace(config_file="", opts=[])).crops.min_views_per_study == 1
+    with pytest.raises(ValueError, match="'vet2' redefines existing config key 'crops.local_crops_number'"):
+        configs.register_config_defaults("vet2", {"crops": {"local_crops_number": 3}})

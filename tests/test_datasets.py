@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from dinov2 import extensions
 from dinov2.configs import dinov2_default_config
 from dinov2.data import registry
 from dinov2.data.datasets import ImageFolder, SyntheticImages
@@ -18,7 +19,7 @@ from dinov2.utils.errors import UserError
 @pytest.fixture(autouse=True)
 def _no_installed_extensions(monkeypatch):
     """Tests see only the built-ins, whatever plug-ins are installed in the environment."""
-    monkeypatch.setattr(registry, "_extensions_loaded", True)
+    monkeypatch.setattr(extensions, "_loaded", True)
 
 
 def test_parse_dataset_str_keeps_values_as_strings():
@@ -73,7 +74,7 @@ def test_unknown_pipeline_lists_known():
 
 
 def _entry_point(name: str, value: str) -> importlib.metadata.EntryPoint:
-    return importlib.metadata.EntryPoint(name=name, value=value, group=registry.EXTENSIONS_GROUP)
+    return importlib.metadata.EntryPoint(name=name, value=value, group=extensions.EXTENSIONS_GROUP)
 
 
 def test_extensions_are_loaded_once_and_a_broken_one_only_warns(monkeypatch, tmp_path):
@@ -90,11 +91,11 @@ def test_extensions_are_loaded_once_and_a_broken_one_only_warns(monkeypatch, tmp
         _entry_point("fake", "fake_dinov2_plugin:register"),
     ]
     monkeypatch.setattr(
-        registry.importlib.metadata,
+        extensions.importlib.metadata,
         "entry_points",
-        lambda group: entry_points if group == registry.EXTENSIONS_GROUP else [],
+        lambda group: entry_points if group == extensions.EXTENSIONS_GROUP else [],
     )
-    monkeypatch.setattr(registry, "_extensions_loaded", False)
+    monkeypatch.setattr(extensions, "_loaded", False)
     monkeypatch.setitem(registry._DATASETS, "PluginData", None)  # restored after the test
     with pytest.warns(RuntimeWarning, match="'broken'"):
         assert make_dataset("PluginData:size=5") == ["5"]

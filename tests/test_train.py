@@ -17,6 +17,7 @@ from dinov2.train import train as train_module
 from dinov2.train.checkpointing import Checkpointer
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import setup
+from dinov2.utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "dinov2" / "configs" / "train" / "vits14_cpu_smoke.yaml"
@@ -151,8 +152,8 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
     original = train_module.SSLMetaArch.compute_losses
     calls = {"n": 0}
 
-    def sometimes_nan(self, images, teacher_temp):
-        total, loss_dict = original(self, images, teacher_temp)
+    def sometimes_nan(self, images, teacher_temp, **kwargs):
+        total, loss_dict = original(self, images, teacher_temp, **kwargs)
         calls["n"] += 1
         if calls["n"] == 2:
             total = total * float("nan")
@@ -169,8 +170,8 @@ def test_non_finite_losses_in_a_row_stop_the_run_keeping_the_checkpoint(tmp_path
     original = train_module.SSLMetaArch.compute_losses
     calls = {"n": 0}
 
-    def nan_after_first_checkpoint(self, images, teacher_temp):
-        total, loss_dict = original(self, images, teacher_temp)
+    def nan_after_first_checkpoint(self, images, teacher_temp, **kwargs):
+        total, loss_dict = original(self, images, teacher_temp, **kwargs)
         calls["n"] += 1
         return (total * float("nan") if calls["n"] > 3 else total), loss_dict
 
@@ -210,3 +211,32 @@ def test_pretrained_weights_with_wrong_keys_are_listed(tmp_path, capsys):
     assert exit_info.value.code == 2
     message = _single_error_line(capsys.readouterr().err)
     assert "not_a_vit.weight" in message and "missing" in message.lower()
+
+
+def test_head_warmup_freezes_the_backbone_and_trains_the_heads(tmp_path):
+    args = _args(tmp_path / "run", *TINY, "train.head_warmup_iterations=6")
+    trainer = train_module.Trainer(setup(args))
+    before = {k: v.clone() for k, v in trainer.model.student.state_dict().items()}
+    trainer.train(0)
+    after = trainer.model.student.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("backbone."))
+    assert not torch.equal(after["dino_head.mlp.0.weight"], before["dino_head.mlp.0.weight"])
+
+
+def test_model_weights_continue_from_a_teacher_export_with_heads(tmp_path):
+    _run(tmp_path / "first", *TINY)
+    export = tmp_path / "first" / "eval" / "training_5" / "teacher_checkpoint.pth"
+    teacher = torch.load(export, weights_only=True)["teacher"]
+    trainer = train_module.Trainer(setup(_args(tmp_path / "second", *TINY, f"MODEL.WEIGHTS={export}")))
+    assert trainer.resume_or_load(resume=True) == 0
+    for name, value in teacher.items():
+        assert torch.equal(trainer.model.student.state_dict()[name], value), name
+        assert torch.equal(trainer.model.teacher.state_dict()[name], value), name
+
+
+def test_model_weights_that_do_not_fit_are_refused_with_the_keys(tmp_path):
+    bad = tmp_path / "bad.pth"
+    torch.save({"teacher": {"backbone.cls_token": torch.zeros(1, 1, 7)}}, bad)
+    trainer = train_module.Trainer(setup(_args(tmp_path / "run", *TINY, f"MODEL.WEIGHTS={bad}")))
+    with pytest.raises(UserError, match=r"missing \d+ .*shape mismatch 1 \(backbone.cls_token\)"):
+        trainer.resume_or_load(resume=True)

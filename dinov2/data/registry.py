@@ -5,23 +5,19 @@ keyword arguments; a pipeline (per-sample augmentation + per-batch collate) is c
 `train.pipeline`. Packages extend both without dinov2 importing them: they declare an entry
 point in the group "dinov2.extensions" and register themselves when it is loaded.
 """
-import importlib.metadata
 import inspect
 import random
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig
 
+from dinov2.extensions import EXTENSIONS_GROUP, load_extensions  # noqa: F401 (re-exported)
 from dinov2.utils.errors import UserError
-
-EXTENSIONS_GROUP = "dinov2.extensions"
 
 _DATASETS: dict[str, Callable[..., Any]] = {}
 _PIPELINES: dict[str, Callable[[DictConfig], "Pipeline"]] = {}
-_extensions_loaded = False
 
 
 @dataclass(frozen=True)
@@ -55,29 +51,6 @@ def register_pipeline(name: str) -> Callable:
         return builder
 
     return decorator
-
-
-def load_extensions() -> None:
-    """Import every installed dinov2 extension once per process (calling it if it is callable).
-
-    A broken extension must not stop runs that do not need it, so its failure is a warning.
-    """
-    global _extensions_loaded
-    if _extensions_loaded:
-        return
-    _extensions_loaded = True
-    for entry_point in importlib.metadata.entry_points(group=EXTENSIONS_GROUP):
-        try:
-            loaded = entry_point.load()
-            if callable(loaded):
-                loaded()
-        except Exception as exc:  # noqa: BLE001 - any failure of a plug-in is reported, not fatal
-            warnings.warn(
-                f"dinov2 extension '{entry_point.name}' ({entry_point.value}) failed to load: "
-                f"{type(exc).__name__}: {exc}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
 
 
 def parse_dataset_str(dataset_str: str) -> tuple[str, dict[str, str | list[str]]]:

@@ -9,6 +9,7 @@ reproduces upstream's numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -164,8 +165,15 @@ class SSLMetaArch(nn.Module):
         return patch_tokens.flatten(0, 1).index_select(0, teacher_rows * n_patches + patch_positions)
 
     # ----------------------------------------------------------------------------------- student
-    def compute_losses(self, images: dict[str, Any], teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
-        """The optimised loss and the logged terms (upstream halves koleo and iBOT for display)."""
+    def compute_losses(
+        self, images: dict[str, Any], teacher_temp: float, freeze_backbone: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The optimised loss and the logged terms (upstream halves koleo and iBOT for display).
+
+        `freeze_backbone` runs the student backbone without gradients, so only the heads learn:
+        fresh heads on a released backbone would otherwise push large, random gradients into
+        features that are already good (head warm-up for continued pretraining).
+        """
         layout = CropLayout.from_batch(images)
         cls_targets, patch_targets = self.teacher_targets(images, layout, teacher_temp)
 
@@ -174,7 +182,8 @@ class SSLMetaArch(nn.Module):
         has_locals = local_crops.shape[0] > 0
         crops = [global_crops, local_crops] if has_locals else [global_crops]
         crop_masks = [masks, None] if has_locals else [masks]
-        outputs = self.student.backbone(crops, masks=crop_masks, is_training=True)
+        with torch.no_grad() if freeze_backbone else contextlib.nullcontext():
+            outputs = self.student.backbone(crops, masks=crop_masks, is_training=True)
         global_out = outputs[0]
         global_cls = global_out["x_norm_clstoken"]
         local_cls = outputs[1]["x_norm_clstoken"] if has_locals else global_cls[:0]

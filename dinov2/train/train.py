@@ -119,13 +119,18 @@ class Trainer:
         return 0
 
     def _load_model_weights(self, path: str) -> None:
+        """Continue from another run: a training checkpoint (ours or upstream's single-rank one)
+        gives student, teacher and centres; a teacher export gives backbone and heads to both."""
         state = load_torch_file(path)
-        weights = state.get("model", state) if isinstance(state, dict) else None
-        if not isinstance(weights, dict):
-            raise UserError(f"MODEL.WEIGHTS={path} holds no state dict")
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            logger.warning("MODEL.WEIGHTS %s: missing %s, unexpected %s", path, missing[:5], unexpected[:5])
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            _load_strict(self.model, state["model"], f"MODEL.WEIGHTS={path}")
+        elif isinstance(state, dict) and isinstance(state.get("teacher"), dict):
+            teacher = {k.replace("module.", ""): v for k, v in state["teacher"].items()}
+            for modules in (self.model.student, self.model.teacher):
+                _load_strict(modules, teacher, f"MODEL.WEIGHTS={path}")
+        else:
+            raise UserError(f"MODEL.WEIGHTS={path} is neither a training checkpoint ('model') nor a teacher export ('teacher')")
+        logger.info("weights loaded from %s", path)
 
     def export(self, tag: str) -> Path:
         return export_teacher(self.output_dir, tag, self.model.teacher_state_dict())
@@ -136,7 +141,9 @@ class Trainer:
         self._apply_schedules(values)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            total, loss_dict = self.model.compute_losses(batch, teacher_temp=values["teacher_temp"])
+            total, loss_dict = self.model.compute_losses(
+                batch, teacher_temp=values["teacher_temp"], freeze_backbone=values["freeze_backbone"]
+            )
         (self.scaler.scale(total) if self.scaler is not None else total).backward()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -182,7 +189,7 @@ class Trainer:
                 batch = _to_device(next(data_iter), self.device)
                 data_time = time.perf_counter() - iter_end
                 torch.manual_seed(_iteration_seed(cfg.train.seed, get_global_rank(), iteration))
-                values = self.schedules.at(iteration)
+                values = dict(self.schedules.at(iteration), freeze_backbone=iteration < cfg.train.head_warmup_iterations)
                 stepped, total, loss_dict = self.train_step(batch, values)
                 if stepped:
                     nonfinite_in_row = 0
@@ -217,6 +224,18 @@ class Trainer:
                 progress.update(1)
                 iter_end = time.perf_counter()
         return {"iterations": self.max_iter - start_iter, "nonfinite_steps": nonfinite_total, "last_checkpoint": str(last_saved)}
+
+
+def _load_strict(module: torch.nn.Module, state: dict, what: str) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        problems = [f"{label} {len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
+        raise UserError(f"{what} does not fit the model: " + "; ".join(problems))
+    module.load_state_dict(state)
 
 
 def _iteration_seed(seed: int, rank: int, iteration: int) -> int:

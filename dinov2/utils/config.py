@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dinov2 import distributed
-from dinov2.configs import dinov2_default_config
+from dinov2.configs import get_default_config
+from dinov2.extensions import load_extensions
 from dinov2.utils.errors import UserError
 from dinov2.utils.utils import fix_random_seeds
 
@@ -76,8 +77,9 @@ def _parse_opts(opts: Sequence[str]) -> DictConfig:
 
 
 def get_cfg_from_args(args: Namespace) -> DictConfig:
-    """Defaults <- `args.config_file` (if any) <- `args.opts` ("key=value" strings)."""
-    cfg = OmegaConf.create(dinov2_default_config)
+    """Defaults (incl. installed extensions') <- `args.config_file` (if any) <- `args.opts` ("key=value")."""
+    load_extensions()
+    cfg = get_default_config()
     if getattr(args, "config_file", None):
         cfg = merge_strict(cfg, _load_config_file(args.config_file), f"from {args.config_file}")
     opts = getattr(args, "opts", None) or []
