@@ -12,8 +12,11 @@ from dinov2.data import datasets, pipelines  # noqa: F401  (imported to register
 from dinov2.data.augmentations import DataAugmentationDINO
 from dinov2.data.loaders import make_data_loader, make_training_loader
 from dinov2.data.samplers import SamplerType
+from dinov2.data.transforms import ClassificationEvalTransform, ClassificationTrainTransform
 
 __all__ = [
+    "ClassificationEvalTransform",
+    "ClassificationTrainTransform",
     "DataAugmentationDINO",
     "Pipeline",
     "SamplerType",

@@ -251,3 +251,62 @@ class Normalize:
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return (image - self.mean) / self.std
+
+
+def resize_shorter_side(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic antialiased resize of a [C, H, W] image in [0, 1] so that min(H, W) == size.
+
+    The long side is int(size * long / short), torchvision's rounding, so evaluation crops
+    match upstream's pixel grid.
+    """
+    height, width = image.shape[-2:]
+    short, long = (height, width) if height <= width else (width, height)
+    new_long = int(size * long / short)
+    new_size = (size, new_long) if height <= width else (new_long, size)
+    if new_size == (height, width):
+        return image
+    resized = F.interpolate(image[None], size=new_size, mode="bicubic", align_corners=False, antialias=True)
+    return resized[0].clamp(0, 1)
+
+
+def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The central size x size window (torchvision's rounding of the offsets); an image smaller
+    than the window is zero-padded around, as torchvision does."""
+    height, width = image.shape[-2:]
+    pad_h, pad_w = max(size - height, 0), max(size - width, 0)
+    if pad_h or pad_w:
+        image = F.pad(image, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        height, width = image.shape[-2:]
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return image[:, top : top + size, left : left + size]
+
+
+class ClassificationEvalTransform:
+    """Upstream's evaluation transform: Resize(shorter side) -> CenterCrop -> Normalize.
+
+    Deterministic, so it takes the image alone (the dataset calls `transform(image)`); grayscale
+    radiographs become three identical channels first, as released weights expect RGB.
+    """
+
+    def __init__(self, resize_size: int, crop_size: int, mean: Sequence[float], std: Sequence[float]):
+        self.resize_size, self.crop_size = resize_size, crop_size
+        self.normalize = Normalize(mean, std)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        image = center_crop(resize_shorter_side(to_float_rgb(image), self.resize_size), self.crop_size)
+        return self.normalize(image)
+
+
+class ClassificationTrainTransform:
+    """Upstream's linear-probe training transform: RandomResizedCrop -> horizontal flip -> Normalize.
+
+    Datasets call `transform(image)` without a generator, so it draws from torch's default
+    generator, which DataLoader seeds per worker from the loader's seed.
+    """
+
+    def __init__(self, crop_size: int, mean: Sequence[float], std: Sequence[float]):
+        self.geometry = Compose([RandomResizedCrop(crop_size), RandomHorizontalFlip(p=0.5)])
+        self.normalize = Normalize(mean, std)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.normalize(self.geometry(to_float_rgb(image), torch.default_generator))
