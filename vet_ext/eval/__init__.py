@@ -1,0 +1,1 @@
+"""Evaluations that need radiograph studies: cross-view retrieval and the comparison suite."""
