@@ -86,19 +86,22 @@ def pretrain(out: Path, data: Path, config_file: Path, device: str, opts: list[s
     return cfg, teacher
 
 
-def knn_scores(cfg, teacher: Path, data: Path, device: str) -> tuple[list[dict], dict[str, torch.nn.Module]]:
-    """Macro AP / ROC AUC of k-NN on the findings, for the trained teacher and the untrained network."""
-    torch.manual_seed(cfg.train.seed)
-    untrained, _ = build_model_from_cfg(cfg, only_teacher=True)
-    trained, _ = build_model_from_cfg(cfg, only_teacher=True)
-    load_backbone_weights(trained, teacher, strict=True)
+def knn_table(cfg, checkpoints: dict[str, Path | None], data: Path, device: str) -> list[dict]:
+    """k-NN (k=20) macro AP / ROC AUC on the findings, one row per named checkpoint.
+
+    A checkpoint of None is the untrained network, initialised with the run's seed: the
+    baseline that shows what training added.
+    """
     size = cfg.crops.global_crops_size
     transform = ClassificationEvalTransform(size, size, tuple(cfg.crops.mean), tuple(cfg.crops.std))
     splits = {split: make_dataset(f"VetImages:root={data}:split={split}:labels=all", transform=transform)
               for split in ("train", "val")}
     rows = []
-    models = {"VET-DINO (this run)": trained, "untrained (same init seed)": untrained}
-    for name, model in models.items():
+    for name, weights in checkpoints.items():
+        torch.manual_seed(cfg.train.seed)
+        model, _ = build_model_from_cfg(cfg, only_teacher=True)
+        if weights is not None:
+            load_backbone_weights(model, weights, strict=True)
         model.eval().requires_grad_(False).to(device)
         features = {split: extract_features(model, ds, 64, 0, desc=f"{split} features ({name})")
                     for split, ds in splits.items()}
@@ -107,7 +110,7 @@ def knn_scores(cfg, teacher: Path, data: Path, device: str) -> tuple[list[dict],
             nb_knn=(KNN_K,), label_names=label_names(splits["val"], features["val"][1]), device=device,
         )
         rows.append({"model": name, **{k: v for k, v in knn_rows[0].items() if k not in ("train", "k")}})
-    return rows, models
+    return rows
 
 
 def plot_loss(metrics_path: Path, png: Path) -> Path:
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _step("3/4 k-NN on the phantom findings: trained teacher vs untrained network")
     started = time.perf_counter()
-    rows, _ = knn_scores(cfg, teacher, data, device)
+    rows = knn_table(cfg, {"VET-DINO (this run)": teacher, "untrained (same init seed)": None}, data, device)
     print(markdown_table(rows))
     timings["k-NN"] = time.perf_counter() - started
 
