@@ -283,6 +283,11 @@ def _vit(
     )
 
 
+def vit_tiny(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
+    """ViT-Ti (DeiT's width 192, 3 heads): not released by DINOv2; for CPU demos and quick studies."""
+    return _vit(192, 12, 3, patch_size, num_register_tokens, **kwargs)
+
+
 def vit_small(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
     return _vit(384, 12, 6, patch_size, num_register_tokens, **kwargs)
 
@@ -301,6 +306,7 @@ def vit_giant2(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> 
 
 
 ARCHITECTURES: dict[str, Callable[..., DinoVisionTransformer]] = {
+    "vit_tiny": vit_tiny,
     "vit_small": vit_small,
     "vit_base": vit_base,
     "vit_large": vit_large,
