@@ -190,3 +190,11 @@ def test_koleo_low_precision_duplicates_stay_finite(reference, dtype):
     assert value.dtype == torch.float32 and torch.isfinite(value)
     assert_close(value, fp32_value)
     assert abs(value.item() - reference["koleo"]["output_with_duplicate"].item()) < 5e-2
+
+
+def test_sinkhorn_knopp_accepts_a_rank_without_masked_patches():
+    """A process may hold no masked token in a step; it must still run (and join the reductions)."""
+    from dinov2.loss import iBOTPatchLoss
+
+    targets = iBOTPatchLoss(16).sinkhorn_knopp_teacher(torch.zeros(0, 16), teacher_temp=0.05, n_masked_patches_tensor=torch.tensor([0]))
+    assert targets.shape == (0, 16)

@@ -177,3 +177,27 @@ def test_collate_weights_are_inverse_masked_count_of_each_image():
     assert torch.equal(masks.flatten().nonzero().flatten(), out["mask_indices_list"])
     # each masked image contributes weight 1 in total
     assert math.isclose(out["masks_weight"].sum().item(), (masks.sum(1) > 0).sum().item(), rel_tol=1e-5)
+
+
+def test_collate_masks_only_the_rows_the_teacher_sees():
+    """A teacher that sees a subset of the global crops: masks (probability, strata) over that subset only."""
+    samples = fake_samples(6, n_global=4, n_local=0)
+    teacher_rows = torch.tensor([12, 1, 8, 21, 4, 17, 2, 3, 0, 5, 23, 10])
+    out = collate_data_and_cast(samples, (0.1, 0.5), 0.5, torch.float32, mask_generator=train_generator(), rng=random.Random(4),
+                                teacher_global_index=teacher_rows)
+    masks = out["collated_masks"]
+    assert masks.shape == (24, 256)
+    outside = torch.ones(24, dtype=torch.bool)
+    outside[teacher_rows] = False
+    assert not masks[outside].any()
+    assert int((masks.sum(1) > 0).sum()) == int(12 * 0.5)
+    assert out["upperbound"] == sum(int(256 * high) for high in torch.linspace(0.1, 0.5, 7)[1:])
+    assert torch.equal(out["teacher_global_index"], teacher_rows)
+    assert torch.equal(out["mask_indices_list"], masks.flatten().nonzero().flatten())
+
+
+@pytest.mark.parametrize("rows", [[0, 0, 1], [0, 8], [-1, 2], []])
+def test_collate_refuses_teacher_rows_that_are_not_distinct_global_crops(rows):
+    with pytest.raises(ValueError, match="teacher_global_index"):
+        collate_data_and_cast(fake_samples(4), (0.1, 0.5), 0.5, torch.float32, mask_generator=train_generator(),
+                              rng=random.Random(0), teacher_global_index=torch.tensor(rows, dtype=torch.int64))

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from dinov2.data import make_dataset
+from dinov2.data import make_dataset, make_pipeline
 from dinov2.models import vision_transformer as vits
 from dinov2.train import train as train_module
 from dinov2.utils.config import get_cfg_from_args, setup
 from vet_ext.phantoms import generate_studies
-from vet_ext.multiview import select_studies
 from vet_ext.prepare import PrepareConfig, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +89,7 @@ def test_min_views_per_study_keeps_the_phantom_studies_with_two_views_or_more(ph
     view_counts = [len(studies.view_codes(i)) for i in range(len(studies))]
     assert 1 in view_counts and max(view_counts) >= 2, "the phantom set should mix 1-view and multi-view studies"
     cfg = get_cfg_from_args(Namespace(config_file="", opts=["crops.min_views_per_study=2"]))
-    selected = select_studies(studies, cfg)
+    cfg.train.pipeline = "multiview"
+    selected = make_pipeline(cfg).dataset_for(studies)  # what the trainer feeds to its loader
     assert len(selected) == sum(count >= 2 for count in view_counts)
     assert all(len(selected[i][0]) >= 2 for i in range(len(selected)))

@@ -5,6 +5,7 @@ dinov2 command knows them once vet_ext is installed.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ def make_multiview_pipeline(cfg: DictConfig) -> Pipeline:
     return Pipeline(
         transform=MultiViewAugmentation.from_config(cfg),
         collate=MultiViewCollate(make_dino_pipeline(cfg).collate),
+        select=functools.partial(select_studies, cfg=cfg),
     )
 
 

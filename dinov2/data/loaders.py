@@ -4,18 +4,22 @@ The training loader fixes what makes upstream's resume inexact: every sample's a
 seeded from (seed, dataset index, pass number) and every batch's collate (masks) from the seeds
 of its samples. Batch k is then bit-identical whether the run started at 0 or resumed at k, and
 whatever the number of workers, because no random state is shared between samples.
+
+It is also independent of the number of processes: global batch k is the same samples on any
+number of ranks (`GlobalBatchSampler`), and each sample's crops dict carries its `sample_seed`,
+from which pipelines that support it (the built-in "dino" one) draw that image's iBOT masks.
 """
 import hashlib
 import random
 import struct
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from dinov2 import distributed
 from dinov2.data.registry import Pipeline
-from dinov2.data.samplers import EpochSampler, InfiniteSampler, SamplerType, ShardedInfiniteSampler
+from dinov2.data.samplers import EpochSampler, GlobalBatchSampler, InfiniteSampler, SamplerType, ShardedInfiniteSampler
 from dinov2.utils.errors import UserError
 
 
@@ -87,16 +91,6 @@ def make_data_loader(
     )
 
 
-class _IndexPassSampler(Sampler):
-    """Yields (index, pass number) so each sample can be seeded from where it is in the stream."""
-
-    def __init__(self, sampler: ShardedInfiniteSampler):
-        self.sampler = sampler
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return self.sampler.iter_with_pass()
-
-
 class _AugmentedSamples:
     """dataset[(index, pass)] -> (crops, target, sample seed), augmented with its own generator."""
 
@@ -108,7 +102,7 @@ class _AugmentedSamples:
         sample_seed = derive_seed(self.seed, index, pass_number)
         image, target = self.dataset[index]
         crops = self.transform(image, torch.Generator().manual_seed(sample_seed))
-        return crops, target, sample_seed
+        return dict(crops, sample_seed=sample_seed), target, sample_seed
 
 
 class _SeededCollate:
@@ -130,17 +124,14 @@ def make_training_loader(
     seed: int,
     start_iter: int = 0,
 ) -> Iterable[dict]:
-    """Endless batches for this rank, starting at iteration `start_iter` of the run seeded `seed`."""
-    sampler = ShardedInfiniteSampler(
-        sample_count=len(dataset), shuffle=True, seed=seed, advance=start_iter * batch_size
-    )
+    """Endless batches of `batch_size` for this rank (its slice of each global batch), starting
+    at iteration `start_iter` of the run seeded `seed`."""
+    batch_sampler = GlobalBatchSampler(sample_count=len(dataset), batch_size=batch_size, seed=seed, start_batch=start_iter)
     return DataLoader(
         _AugmentedSamples(dataset, pipeline.transform, seed),
-        sampler=_IndexPassSampler(sampler),
-        batch_size=batch_size,
+        batch_sampler=batch_sampler,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
-        drop_last=True,
         collate_fn=_SeededCollate(pipeline.collate, seed),
         generator=torch.Generator().manual_seed(seed),
     )

@@ -12,7 +12,11 @@ from dinov2.data.registry import Pipeline, register_pipeline
 
 
 def _collate_with_rng(samples: list, rng: random.Random, **collate_kwargs) -> dict:
-    return collate_data_and_cast(samples, rng=rng, **collate_kwargs)
+    """Masks per image when the training loader tagged every sample with its `sample_seed`, so a
+    batch split over ranks gets the masks it would get whole; upstream's per-batch draw otherwise."""
+    seeds = [crops.get("sample_seed") for crops, _ in samples]
+    sample_seeds = seeds if all(seed is not None for seed in seeds) else None
+    return collate_data_and_cast(samples, rng=rng, sample_seeds=sample_seeds, **collate_kwargs)
 
 
 @register_pipeline("dino")

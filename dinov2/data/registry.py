@@ -31,6 +31,11 @@ class Pipeline:
 
     transform: Callable[[Any, torch.Generator], dict]
     collate: Callable[[list[tuple[dict, Any]], random.Random], dict]
+    # the items the pipeline can use (e.g. studies with enough views); None: all of them
+    select: Callable[[Any], Any] | None = None
+
+    def dataset_for(self, dataset: Any) -> Any:
+        return self.select(dataset) if self.select is not None else dataset
 
 
 def register_dataset(name: str) -> Callable:

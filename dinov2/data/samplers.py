@@ -210,3 +210,47 @@ def _inside_out_shuffle(values: list[int], generator: torch.Generator) -> list[i
         result.append(value)
         result[i], result[j] = result[j], value
     return result
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of (index, pass) for one rank, such that global batch k holds the same samples
+    whatever the number of ranks.
+
+    The stream is the single-rank `ShardedInfiniteSampler` stream (randperm shuffle); global batch k
+    is its items [k*G, (k+1)*G) with G = `batch_size` * world size, and rank r takes the contiguous
+    slice [r*B, (r+1)*B). A run can then continue on another number of processes (keeping the
+    global batch) and read exactly the samples it would have read.
+    """
+
+    def __init__(
+        self,
+        *,
+        sample_count: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        start_batch: int = 0,
+    ):
+        if batch_size < 1:
+            raise UserError(f"sampler: batch_size must be >= 1, got {batch_size}")
+        self._rank, self._world_size = _resolve_shard(sample_count, rank, world_size)
+        self._batch_size = batch_size
+        self._stream = ShardedInfiniteSampler(
+            sample_count=sample_count,
+            shuffle=shuffle,
+            seed=seed,
+            start=0,
+            step=1,
+            advance=_check_advance(start_batch) * batch_size * self._world_size,
+            use_new_shuffle_tensor_slice=True,
+        )
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        stream = self._stream.iter_with_pass()
+        global_batch_size = self._batch_size * self._world_size
+        first = self._rank * self._batch_size
+        while True:
+            global_batch = list(itertools.islice(stream, global_batch_size))
+            yield global_batch[first : first + self._batch_size]

@@ -51,7 +51,10 @@ def sinkhorn_knopp(
     result from turning into NaN) when logits/temp exceeds ~88.
     """
     scaled = teacher_logits.float() / teacher_temp
-    per_prototype_max = reduce_over_ranks(scaled.max(dim=0, keepdim=True).values, op=dist.ReduceOp.MAX)
+    # amax of an empty tensor fails: a rank may hold no masked patch this step, and must still
+    # join the collectives; -inf is the neutral element of the MAX reduction.
+    local_max = scaled.amax(dim=0, keepdim=True) if len(scaled) else scaled.new_full((1, scaled.shape[1]), -torch.inf)
+    per_prototype_max = reduce_over_ranks(local_max, op=dist.ReduceOp.MAX)
     q = torch.exp(scaled - per_prototype_max).t()  # [K, B]: prototypes by samples
     n_prototypes = q.shape[0]
     q /= reduce_over_ranks(q.sum())

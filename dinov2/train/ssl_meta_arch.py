@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dinov2.fsdp import full_module_state, local_tensor
 from dinov2.layers import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
@@ -248,15 +249,23 @@ class SSLMetaArch(nn.Module):
     # ----------------------------------------------------------------------------------- EMA
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """Teacher <- momentum * teacher + (1 - momentum) * student, parameters only."""
+        """Teacher <- momentum * teacher + (1 - momentum) * student, parameters only.
+
+        Under FSDP the teacher is sharded exactly like the student, so each rank updates its own
+        shards and no communication is needed.
+        """
         teacher_params, student_params = [], []
         for name, student_module in self.student.items():
             for s, t in zip(student_module.parameters(), self.teacher[name].parameters()):
-                student_params.append(s.detach())
-                teacher_params.append(t)
+                student_params.append(local_tensor(s.detach()))
+                teacher_params.append(local_tensor(t))
         torch._foreach_mul_(teacher_params, momentum)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
 
     def teacher_state_dict(self) -> dict[str, Tensor]:
-        """The teacher as upstream exports it: `backbone.*`, `dino_head.*`, `ibot_head.*`."""
-        return {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}
+        """The teacher as upstream exports it: `backbone.*`, `dino_head.*`, `ibot_head.*`.
+
+        Whole tensors on the CPU; gathered from the shards under FSDP, so every rank must call it
+        (rank 0 gets the complete state).
+        """
+        return full_module_state(self.teacher)

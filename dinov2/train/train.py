@@ -7,6 +7,12 @@ Upstream's flags, outputs and checkpoint layout, with three things made reliable
 - a non-finite loss or gradient skips that step and is counted; too many in a row stop the run
   with the last good checkpoint intact;
 - it runs on CPU in float32 as well as on CUDA with bf16/fp16 autocast.
+
+Under torchrun or srun it joins the process group and spreads the model with DDP or FSDP2
+(`train.distributed_strategy`, see dinov2.fsdp). The data, the logged losses and the checkpoints
+do not depend on the number of processes: the same global batch gives the same run, and a
+checkpoint resumes on any world size. SIGUSR1 (e.g. `sbatch --signal=USR1@120`) makes the run
+save a checkpoint at the end of the current iteration and stop, to be resumed later.
 """
 from __future__ import annotations
 
@@ -14,14 +20,26 @@ import argparse
 import contextlib
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from dinov2 import distributed
 from dinov2.data import make_dataset, make_pipeline, make_training_loader
 from dinov2.distributed import get_global_rank, is_main_process
+from dinov2.fsdp import (
+    distribute,
+    full_tensor,
+    get_training_state,
+    load_full_module_state,
+    module_shapes,
+    resolve_strategy,
+    set_training_state,
+    unwrap,
+)
 from dinov2.logging import setup_logging
 from dinov2.logging.metrics import MetricsLog
 from dinov2.train.checkpointing import Checkpointer, export_teacher, load_torch_file
@@ -52,6 +70,35 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class StopSignal:
+    """Signals that ask the run to save a checkpoint after the current iteration and stop.
+
+    The handler only raises a flag: saving inside a signal handler, between two collectives of
+    an iteration, would deadlock the other ranks. The handlers that were installed before (e.g.
+    submitit's requeue on SLURM's time-limit warning) are kept for `forward`.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1,)) -> None:
+        self.received: int | None = None
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in signals}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signum
+
+    def is_set(self) -> bool:
+        return self.received is not None
+
+    def forward(self) -> None:
+        """Hand the received signal to the handler that was installed before this one."""
+        previous = self._previous.get(self.received)
+        if callable(previous):
+            previous(self.received, None)
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
 class Trainer:
     """One run: the model, its optimizer, schedules and checkpoints, on one device."""
 
@@ -60,6 +107,8 @@ class Trainer:
         self.output_dir = Path(cfg.train.output_dir)
         self.device = _training_device(cfg.train.device)
         self.model = SSLMetaArch(cfg).to(self.device)
+        self.strategy = resolve_strategy(cfg.train.distributed_strategy, self.device)
+        distribute(self.model, self.strategy, cfg.compute_precision, self.device)
         self.optimizer = self._build_optimizer()
         self.schedules = build_schedules(cfg)
         self.autocast_dtype = PRECISIONS[cfg.compute_precision.student.backbone.mixed_precision.param_dtype]
@@ -74,7 +123,7 @@ class Trainer:
         groups = []
         for module in self.model.student.values():
             groups += get_params_groups_with_decay(
-                module,
+                unwrap(module),
                 lr_decay_rate=self.cfg.optim.layerwise_decay,
                 patch_embed_lr_mult=self.cfg.optim.patch_embed_lr_mult,
             )
@@ -93,23 +142,41 @@ class Trainer:
         return torch.autocast("cuda", dtype=self.autocast_dtype)
 
     # ------------------------------------------------------------------------------ checkpoints
-    def state(self) -> dict:
+    @property
+    def sharded_checkpoints(self) -> bool:
+        return self.strategy == "fsdp"
+
+    def state(self, full: bool = True) -> dict:
+        """Model, optimizer (and scaler) state; whole tensors on rank 0, or this rank's shards."""
         # A pending (lazy) centre update belongs to this step; applying it now changes no number
         # and keeps it from being lost at resume (upstream drops it: inexact resume).
         self.model.dino_loss.apply_center_update()
         self.model.ibot_patch_loss.apply_center_update()
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        model_state, optimizer_state = get_training_state(self.model, self.optimizer, full=full)
+        state = {"model": model_state, "optimizer": optimizer_state}
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
         return state
 
+    def save_checkpoint(self, iteration: int, final: bool = False) -> Path:
+        if self.sharded_checkpoints:
+            return self.checkpointer.save_sharded(self.state(full=False), iteration, final=final)
+        return self.checkpointer.save(self.state(full=True), iteration, final=final)
+
     def resume_or_load(self, resume: bool) -> int:
-        """Iteration to start from: after the last checkpoint, else 0 (optionally from MODEL.WEIGHTS)."""
+        """Iteration to start from: after the last checkpoint, else 0 (optionally from MODEL.WEIGHTS).
+
+        A checkpoint of either form (file or sharded folder) loads whatever the world size and
+        strategy that wrote it.
+        """
         path = self.checkpointer.last_checkpoint() if resume else None
         if path is not None:
-            state = self.checkpointer.load(path)
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            full = not path.is_dir()
+            if full:
+                state = self.checkpointer.load(path)
+            else:
+                state = self.checkpointer.load_sharded(path, {**self.state(full=False), "iteration": -1})
+            set_training_state(self.model, self.optimizer, state["model"], state["optimizer"], full=full)
             if self.scaler is not None and "grad_scaler" in state:
                 self.scaler.load_state_dict(state["grad_scaler"])
             logger.info("resumed from %s (iteration %d)", path, state["iteration"])
@@ -133,7 +200,13 @@ class Trainer:
         logger.info("weights loaded from %s", path)
 
     def export(self, tag: str) -> Path:
-        return export_teacher(self.output_dir, tag, self.model.teacher_state_dict())
+        """Teacher export; every rank takes part (FSDP gathers the shards), rank 0 writes it."""
+        teacher_state = self.model.teacher_state_dict()
+        path = self.output_dir / "eval" / tag / "teacher_checkpoint.pth"
+        if is_main_process():
+            path = export_teacher(self.output_dir, tag, teacher_state)
+        distributed.barrier()
+        return path
 
     # ------------------------------------------------------------------------------ training
     def train_step(self, batch: dict, values: dict[str, float]) -> tuple[bool, torch.Tensor, dict]:
@@ -151,8 +224,9 @@ class Trainer:
         if self.cfg.optim.clip_grad:
             for module in self.model.student.values():
                 norm = torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.optim.clip_grad)
-                finite &= torch.isfinite(norm)
-        if not bool(finite):  # the step's one host sync
+                finite &= torch.isfinite(full_tensor(norm))
+        # every rank must take the same decision, or their models part ways
+        if not _on_every_rank(finite):  # the step's one host sync
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.update()
@@ -165,19 +239,24 @@ class Trainer:
         self.model.update_teacher(values["mom"])
         return True, total, loss_dict
 
-    def train(self, start_iter: int) -> dict:
+    def train(self, start_iter: int, stop_requested=lambda: False) -> dict:
+        """Train from `start_iter` to the end, or until `stop_requested()` turns true on some rank:
+        then a checkpoint is saved after that iteration and the summary says `stopped_at`."""
         cfg = self.cfg
-        dataset = make_dataset(cfg.train.dataset_path)
+        pipeline = make_pipeline(cfg)
+        dataset = pipeline.dataset_for(make_dataset(cfg.train.dataset_path))
         loader = make_training_loader(
             dataset,
-            make_pipeline(cfg),
+            pipeline,
             batch_size=cfg.train.batch_size_per_gpu,
             num_workers=cfg.train.num_workers,
             seed=cfg.train.seed,
             start_iter=start_iter,
         )
         metrics = MetricsLog(self.output_dir / "training_metrics.json")
-        metrics.truncate_after(start_iter - 1)
+        if is_main_process():
+            metrics.truncate_after(start_iter - 1)
+        stopped_at = None
         self.model.train()
         nonfinite_total, nonfinite_in_row = 0, 0
         last_saved = self.checkpointer.last_checkpoint()
@@ -193,6 +272,7 @@ class Trainer:
                 stepped, total, loss_dict = self.train_step(batch, values)
                 if stepped:
                     nonfinite_in_row = 0
+                    loss_dict = _mean_over_ranks(loss_dict)
                     metrics.update(total_loss=sum(loss_dict.values()), **loss_dict)
                 else:
                     nonfinite_total += 1
@@ -213,29 +293,59 @@ class Trainer:
                     current_batch_size=batch["collated_global_crops"].shape[0] // int(batch.get("n_global_crops", 2)),
                 )
                 is_last = iteration == self.max_iter - 1
-                if iteration % cfg.train.log_period_iterations == 0 or is_last:
+                if (iteration % cfg.train.log_period_iterations == 0 or is_last) and is_main_process():
                     record = metrics.write(iteration, nonfinite_steps=nonfinite_total)
                     progress.set_postfix(loss=f"{record.get('total_loss', math.nan):.3f}", lr=f"{values['lr']:.2e}")
                 if (iteration + 1) % cfg.evaluation.eval_period_iterations == 0 or is_last:
-                    if is_main_process():
-                        self.export(f"training_{iteration}")
-                if (iteration + 1) % self.checkpoint_period == 0 or is_last:
-                    last_saved = self.checkpointer.save(self.state(), iteration, final=is_last)
+                    self.export(f"training_{iteration}")
+                stop = not is_last and _on_any_rank(stop_requested())
+                if (iteration + 1) % self.checkpoint_period == 0 or is_last or stop:
+                    last_saved = self.save_checkpoint(iteration, final=is_last)
                 progress.update(1)
                 iter_end = time.perf_counter()
-        return {"iterations": self.max_iter - start_iter, "nonfinite_steps": nonfinite_total, "last_checkpoint": str(last_saved)}
+                if stop:
+                    stopped_at = iteration
+                    break
+        done = (stopped_at + 1 if stopped_at is not None else self.max_iter) - start_iter
+        return {"iterations": done, "nonfinite_steps": nonfinite_total, "last_checkpoint": str(last_saved), "stopped_at": stopped_at}
 
 
 def _load_strict(module: torch.nn.Module, state: dict, what: str) -> None:
-    own = module.state_dict()
+    """Load whole tensors, however the module is spread, after checking every key and shape."""
+    own = module_shapes(module)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    mismatched = sorted(k for k in set(own) & set(state) if own[k] != state[k].shape)
     if missing or unexpected or mismatched:
         problems = [f"{label} {len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
                     for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
         raise UserError(f"{what} does not fit the model: " + "; ".join(problems))
-    module.load_state_dict(state)
+    load_full_module_state(module, state)
+
+
+def _on_every_rank(flag: torch.Tensor) -> bool:
+    """True when the flag is true on every rank."""
+    if distributed.is_enabled():
+        flag = flag.to(torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
+
+
+def _on_any_rank(flag: bool) -> bool:
+    """True when the flag is true on some rank (e.g. only rank 0 got the stop signal yet)."""
+    if not distributed.is_enabled():
+        return flag
+    value = torch.tensor(int(flag), device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value)
+
+
+def _mean_over_ranks(loss_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Losses of the whole global batch (each rank's are means over its equal share), for logging."""
+    if not distributed.is_enabled():
+        return loss_dict
+    means = distributed.all_reduce_mean(torch.stack([v.detach().float() for v in loss_dict.values()]))
+    return dict(zip(loss_dict, means))
 
 
 def _iteration_seed(seed: int, rank: int, iteration: int) -> int:
@@ -256,27 +366,50 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def run(args: argparse.Namespace, stop: StopSignal | None = None) -> dict:
+    """One training command in this process, joining the launcher's process group if there is one.
+
+    Returns the training summary (with `stopped_at` set when `stop` ended it early), or
+    {"exported": path} for --eval-only.
+    """
+    distributed.enable()
+    try:
+        cfg = setup(args)
+        setup_logging(cfg.train.output_dir)
+        trainer = Trainer(cfg)
+        start_iter = trainer.resume_or_load(resume=not args.no_resume)
+        if args.eval_only:
+            path = trainer.export(f"manual_{max(start_iter - 1, 0)}")
+            if is_main_process():
+                print(f"teacher exported to {path}")
+            return {"exported": str(path)}
+        started = time.perf_counter()
+        try:
+            summary = trainer.train(start_iter, stop_requested=stop.is_set if stop is not None else lambda: False)
+        except NonFiniteLossError as exc:
+            raise UserError(str(exc)) from None
+        if is_main_process():
+            if summary["stopped_at"] is not None:
+                ending = f"stopped by a signal after iteration {summary['stopped_at']}; run the same command to resume"
+            else:
+                ending = "done"
+            print(
+                f"{ending}: {summary['iterations']} iterations in {time.perf_counter() - started:.1f} s "
+                f"on {distributed.get_global_size()} process(es), {summary['nonfinite_steps']} skipped non-finite steps; "
+                f"outputs in {cfg.train.output_dir} (last checkpoint {summary['last_checkpoint']})"
+            )
+        return summary
+    finally:
+        distributed.disable()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    cfg = setup(args)
-    setup_logging(cfg.train.output_dir)
-    trainer = Trainer(cfg)
-    start_iter = trainer.resume_or_load(resume=not args.no_resume)
-    if args.eval_only:
-        path = trainer.export(f"manual_{max(start_iter - 1, 0)}")
-        print(f"teacher exported to {path}")
-        return 0
-    started = time.perf_counter()
+    stop = StopSignal()
     try:
-        summary = trainer.train(start_iter)
-    except NonFiniteLossError as exc:
-        raise UserError(str(exc)) from None
-    if is_main_process():
-        print(
-            f"done: {summary['iterations']} iterations in {time.perf_counter() - started:.1f} s, "
-            f"{summary['nonfinite_steps']} skipped non-finite steps; outputs in {cfg.train.output_dir} "
-            f"(last checkpoint {summary['last_checkpoint']})"
-        )
+        run(args, stop)
+    finally:
+        stop.restore()
     return 0
 
 

@@ -1,0 +1,98 @@
+"""Checkpoints resume on another number of processes: a sharded (FSDP, torch.distributed.checkpoint)
+folder written by 2 processes in 1 process, a single-file one written by 1 process in 2 sharded
+ones; the resumed run ends where the uninterrupted one did."""
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinov2.train.checkpointing import Checkpointer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_vit_run import metrics, teacher_export, train_processes  # noqa: E402
+
+PERIOD = "train.checkpoint_period_iterations=3"  # checkpoints after iterations 2, 5, 8 and the final one
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    train_processes(out, 2, PERIOD, "train.distributed_strategy=fsdp")
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    train_processes(out, 1, PERIOD)
+    return out
+
+
+def interrupted_copy(run: Path, target: Path, checkpoint: str) -> Path:
+    """The run as if it had been killed right after saving `checkpoint` (later outputs removed)."""
+    shutil.copytree(run, target)
+    for later in [*target.glob("model_final*"), target / "eval" / "training_9"]:
+        if later.is_dir():
+            shutil.rmtree(later)
+        else:
+            later.unlink()
+    (target / "last_checkpoint.rank_0").write_text(checkpoint)
+    return target
+
+
+def assert_same_teacher(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fsdp_writes_sharded_folders_with_one_pointer(fsdp_run):
+    folders = sorted(p.name for p in fsdp_run.glob("model_*"))
+    assert folders == ["model_0000002", "model_0000005", "model_0000008", "model_final"]
+    assert all((fsdp_run / name / ".metadata").exists() for name in folders)
+    assert len(list((fsdp_run / "model_final").glob("*.distcp"))) == 2  # one shard file per rank
+    assert (fsdp_run / "last_checkpoint.rank_0").read_text() == "model_final"
+    assert not list(fsdp_run.glob(".model_*"))  # no staging folder left behind
+
+
+def test_sharded_checkpoint_of_two_processes_resumes_in_one(fsdp_run, tmp_path):
+    resumed = interrupted_copy(fsdp_run, tmp_path / "resumed", "model_0000005")
+    proc = train_processes(resumed, 1, PERIOD)
+    assert "done: 4 iterations" in proc.stdout
+    assert "resumed from" in (resumed / "logs" / "log.txt").read_text()
+    assert [m["iteration"] for m in metrics(resumed)] == list(range(10))
+    assert_same_teacher(teacher_export(fsdp_run, 9), teacher_export(resumed, 9))
+
+
+def test_single_process_checkpoint_resumes_in_two_sharded_processes(single_run, tmp_path):
+    resumed = interrupted_copy(single_run, tmp_path / "resumed", "model_0000005.rank_0.pth")
+    proc = train_processes(resumed, 2, PERIOD, "train.distributed_strategy=fsdp")
+    assert "done: 4 iterations" in proc.stdout
+    assert_same_teacher(teacher_export(single_run, 9), teacher_export(resumed, 9))
+    assert (resumed / "model_final" / ".metadata").exists()
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_with_ddp(fsdp_run, tmp_path):
+    resumed = interrupted_copy(fsdp_run, tmp_path / "resumed", "model_0000002")
+    train_processes(resumed, 2, PERIOD, "train.distributed_strategy=ddp")
+    assert_same_teacher(teacher_export(fsdp_run, 9), teacher_export(resumed, 9))
+    assert (resumed / "model_final.rank_0.pth").exists()
+
+
+def test_sharded_saves_are_atomic_and_pruned(tmp_path):
+    checkpointer = Checkpointer(tmp_path, rank=0, max_to_keep=2)
+    (tmp_path / ".model_0000003.tmp").mkdir()  # left by a run killed while saving
+    for iteration in range(4):
+        checkpointer.save_sharded({"model": {"w": torch.full((3,), float(iteration))}}, iteration)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint.rank_0", "model_0000002", "model_0000003"]
+    last = checkpointer.last_checkpoint()
+    assert last == tmp_path / "model_0000003"
+    state = checkpointer.load_sharded(last, {"model": {"w": torch.zeros(3)}, "iteration": -1})
+    assert state["iteration"] == 3 and torch.equal(state["model"]["w"], torch.full((3,), 3.0))
+    checkpointer.save_sharded({"model": {"w": torch.ones(3)}}, 4, final=True)
+    checkpointer.save_sharded({"model": {"w": torch.full((3,), 5.0)}}, 5, final=True)  # replaces model_final
+    final = checkpointer.load_sharded(checkpointer.last_checkpoint(), {"model": {"w": torch.zeros(3)}, "iteration": -1})
+    assert final["iteration"] == 5 and not list(tmp_path.glob(".model_final*"))

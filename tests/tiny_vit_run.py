@@ -1,0 +1,75 @@
+"""Test helper for runs in other processes (torchrun workers, SLURM tasks): registers the tiny ViT
+the in-process tests use, then runs the training command or serves as the submitted callable.
+
+`python tests/tiny_vit_run.py TRAIN-ARGS...` is `python -m dinov2.train.train TRAIN-ARGS...` with
+`student.arch=vit_test_tiny` available.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from dinov2.models import vision_transformer as vits
+from dinov2.run.train.train import Trainer
+from dinov2.train import train
+from dinov2.utils.cli import run_cli
+
+vits.ARCHITECTURES["vit_test_tiny"] = partial(vits.DinoVisionTransformer, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4)
+
+# 56-pixel global crops (4x4 patches, so iBOT masks have room), no stochastic depth and no KoLeo:
+# what remains depends only on the global batch, not on how it is split over processes.
+# Sinkhorn-Knopp reduces its statistics over ranks exactly; softmax centring of the iBOT centre
+# averages per-rank means (upstream's rule), which differs slightly when ranks mask differently.
+TINY_RUN = [
+    "student.arch=vit_test_tiny", "student.drop_path_rate=0", "dino.koleo_loss_weight=0",
+    "train.dataset_path=Synthetic:n=64:size=64", "crops.global_crops_size=56", "crops.local_crops_size=28",
+    "train.log_period_iterations=1", "optim.warmup_epochs=1", "train.num_workers=0", "train.centering=sinkhorn_knopp",
+    "ibot.mask_ratio_min_max=[0.3,0.5]",  # at least 4 of the 16 patches, so masks are never empty
+]
+GLOBAL_BATCH = 8
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+SMOKE = REPO / "dinov2" / "configs" / "train" / "vits14_cpu_smoke.yaml"
+# 10 iterations, a teacher export every 5
+SHORT_RUN = [*TINY_RUN, "train.OFFICIAL_EPOCH_LENGTH=5", "optim.epochs=2", "evaluation.eval_period_iterations=5"]
+
+
+def train_processes(output_dir: Path, n_processes: int, *opts: str) -> subprocess.CompletedProcess:
+    """SHORT_RUN in `n_processes` fresh processes (torchrun for more than one), global batch fixed."""
+    args = ["tests/tiny_vit_run.py", "--config-file", str(SMOKE), "--output-dir", str(output_dir), *SHORT_RUN,
+            f"train.batch_size_per_gpu={GLOBAL_BATCH // n_processes}", *opts]
+    launcher = [sys.executable] if n_processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n_processes)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # its own session, so that a hung run is killed with all its workers
+    with subprocess.Popen([*launcher, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode == 0, stderr[-4000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "training_metrics.json").read_text().splitlines()]
+
+
+def teacher_export(output_dir: Path, iteration: int) -> dict:
+    path = output_dir / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth"
+    return torch.load(path, weights_only=True)["teacher"]
+
+
+class TinyTrainer(Trainer):
+    """The SLURM launcher's callable, importable in the job (tests/ is put on its PYTHONPATH)."""
+
+
+if __name__ == "__main__":
+    run_cli(lambda: train.main(sys.argv[1:]))
