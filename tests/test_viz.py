@@ -345,7 +345,7 @@ def test_cli_missing_study_is_one_error_line(viz_data, hub_file, tmp_path):
 
 
 @pytest.mark.parametrize("weights, message", [("not_weights.pth", "not a readable PyTorch weights file"),
-                                              ("random:vit_tiny", "unknown architecture")])  # fmt: skip
+                                              ("random:vit_nosuch", "unknown architecture")])  # fmt: skip
 def test_cli_bad_weights_are_one_error_line(viz_data, tmp_path, capsys, monkeypatch, weights, message):
     root, study = viz_data[0], viz_data[1]
     (tmp_path / "not_weights.pth").write_text("hello")
