@@ -25,3 +25,27 @@ def fixtures_dir() -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+TINY_ARCH = "vit_test_tiny"
+
+
+@pytest.fixture
+def tiny_vit(monkeypatch) -> str:
+    """Register a 2-block, 64-wide ViT as `student.arch=vit_test_tiny`: real code paths, seconds on CPU."""
+    from functools import partial
+
+    from dinov2.models import vision_transformer as vits
+
+    tiny = partial(vits.DinoVisionTransformer, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4)
+    monkeypatch.setitem(vits.ARCHITECTURES, TINY_ARCH, tiny)
+    return TINY_ARCH
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a second thread only adds hand-offs, which are costly on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,21 +1,17 @@
 """`make demo` end to end at toy size: every step runs, and the report holds what it promises."""
 import json
-from functools import partial
 
 import pytest
 from PIL import Image
 
-from dinov2.models import vision_transformer as vits
 from vet_ext import demo
 
 
 @pytest.mark.slow
-def test_demo_writes_report_with_knn_table_and_figures(tmp_path, monkeypatch):
-    tiny = partial(vits.DinoVisionTransformer, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4)
-    monkeypatch.setitem(vits.ARCHITECTURES, "vit_test_tiny", tiny)
+def test_demo_writes_report_with_knn_table_and_figures(tmp_path, tiny_vit):
     out = tmp_path / "demo"
     argv = ["--out", str(out), "--studies", "40", "--image-size", "128", "--device", "cpu",
-            "student.arch=vit_test_tiny", "optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=4",
+            f"student.arch={tiny_vit}", "optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=4",
             "optim.warmup_epochs=0", "teacher.warmup_teacher_temp_epochs=0", "train.num_workers=0"]
     assert demo.main(argv) == 0
 

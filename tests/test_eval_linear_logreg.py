@@ -18,13 +18,7 @@ from dinov2.eval.metrics import MetricType
 from dinov2.models.vision_transformer import DinoVisionTransformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread hand-offs cost more than they save on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _token_set(n: int, classes: int, dim: int, seed: int):

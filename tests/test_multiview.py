@@ -22,13 +22,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NO_PHOTOMETRY = ["multiview.intensity_probability=0", "multiview.solarize_probability=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Crops are augmented in single-threaded loader workers; a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(*opts: str):

@@ -1,15 +1,12 @@
 """Multi-view and single-view pretraining end to end through the trainer, on prepared phantom studies."""
 import json
 from argparse import Namespace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from dinov2.data import make_dataset, make_pipeline
-from dinov2.models import vision_transformer as vits
 from dinov2.train import train as train_module
 from dinov2.utils.config import get_cfg_from_args, setup
 from vet_ext.phantoms import generate_studies
@@ -34,20 +31,8 @@ def phantom_data(tmp_path_factory) -> Path:
     return root / "DATA"
 
 
-@pytest.fixture(autouse=True)
-def tiny_vit(monkeypatch):
-    """A 2-block, 64-wide ViT (with the configs' 4 registers) instead of ViT-S/B/L."""
-    tiny = partial(vits.DinoVisionTransformer, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4)
-    monkeypatch.setitem(vits.ARCHITECTURES, "vit_test_tiny", tiny)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation, which is costly on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# a 2-block, 64-wide ViT (with the configs' 4 registers) instead of ViT-S/B/L
+pytestmark = pytest.mark.usefixtures("one_thread", "tiny_vit")
 
 
 def _train(config_file: Path, output_dir: Path, *opts: str) -> list[dict]:

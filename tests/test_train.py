@@ -1,7 +1,6 @@
 """The training loop end to end on CPU: outputs, exact resume, learning, skipped steps, bad input."""
 import json
 import subprocess
-from functools import partial
 import sys
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import torch
 from PIL import Image
 
 from dinov2.models import build_model_from_cfg
-from dinov2.models import vision_transformer as vits
 from dinov2.models.weights import load_backbone_weights
 from dinov2.train import train as train_module
 from dinov2.train.checkpointing import Checkpointer
@@ -26,11 +24,7 @@ TINY = ["student.arch=vit_test_tiny", "train.OFFICIAL_EPOCH_LENGTH=3", "optim.ep
         "train.log_period_iterations=1", "train.checkpoint_period_iterations=3", "evaluation.eval_period_iterations=3"]
 
 
-@pytest.fixture(autouse=True)
-def tiny_vit(monkeypatch):
-    """A 2-block, 64-wide ViT for in-process runs: the same code path at a fraction of the time."""
-    tiny = partial(vits.DinoVisionTransformer, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4)
-    monkeypatch.setitem(vits.ARCHITECTURES, "vit_test_tiny", tiny)
+pytestmark = pytest.mark.usefixtures("tiny_vit")  # in-process runs on a 2-block ViT
 
 
 def _args(output_dir, *opts, no_resume=False):
