@@ -39,17 +39,19 @@ class _PreparedIndex:
     """
 
     name = "Vet"
+    default_split = "train"
     extra_columns: tuple[str, ...] = ()
 
     def __init__(
         self,
         root: str | Path,
-        split: str,
-        transform: Callable | None,
-        target_transform: Callable | None,
-        label: str | Sequence[str] | None,
-        labels: str | Sequence[str] | None,
+        split: str | None = None,
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+        label: str | Sequence[str] | None = None,
+        labels: str | Sequence[str] | None = None,
     ):
+        split = self.default_split if split is None else split
         self.transform, self.target_transform = transform, target_transform
         self.root = Path(root)
         if not self.root.is_dir():
@@ -141,17 +143,6 @@ class VetStudies(_PreparedIndex):
     name = "VetStudies"
     extra_columns = ("study_id",)
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "train",
-        transform: Callable | None = None,
-        target_transform: Callable | None = None,
-        label: str | Sequence[str] | None = None,
-        labels: str | Sequence[str] | None = None,
-    ):
-        super().__init__(root, split, transform, target_transform, label, labels)
-
     def _build(self, table: pa.Table) -> None:
         """Group rows by study: a stable argsort of dictionary codes keeps manifest order inside a study."""
         codes = pc.dictionary_encode(table.column("study_id")).combine_chunks().indices.to_numpy()
@@ -213,17 +204,7 @@ class VetImages(_PreparedIndex):
     """
 
     name = "VetImages"
-
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "val",
-        transform: Callable | None = None,
-        target_transform: Callable | None = None,
-        label: str | Sequence[str] | None = None,
-        labels: str | Sequence[str] | None = None,
-    ):
-        super().__init__(root, split, transform, target_transform, label, labels)
+    default_split = "val"
 
     def _build(self, table: pa.Table) -> None:
         self._load_rows(table)
