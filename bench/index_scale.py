@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from machine import cpu_model  # bench/machine.py
 from vet_ext.cache import FORMAT_VERSION, MANIFEST_NAME, SCHEMA_METADATA_KEY, SPLITS
 from vet_ext.studies import VetImages, VetStudies
 from vet_ext.views import VIEW_CODES
@@ -109,14 +110,6 @@ def worker(datasets: list, seed: int, ready, done) -> None:
     touch_index(datasets, seed)
     ready.set()
     done.wait()
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (FileNotFoundError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> int:

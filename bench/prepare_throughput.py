@@ -22,6 +22,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1
 
+from machine import cpu_model  # bench/machine.py
 from vet_ext.dicom_write import write_dicom
 from vet_ext.prepare import PrepareConfig, prepare
 
@@ -55,14 +56,6 @@ def write_tree(root: Path, syntax: str, n_files: int, pixels: np.ndarray) -> flo
         (root / study).mkdir(exist_ok=True)
         dataset.save_as(root / study / f"{index % 2}.dcm", enforce_file_format=True)
     return time.perf_counter() - started
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (FileNotFoundError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,10 +31,10 @@ from dinov2.eval.setup import (
     add_level_argument,
     get_args_parser as get_setup_args_parser,
     make_eval_transform,
+    prepare_output_dir,
     setup_and_build_model,
 )
 from dinov2.eval.utils import dataset_features, sample_per_class
-from dinov2.logging import setup_logging
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
 
@@ -223,9 +222,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     _check_args(args)
-    output_dir = Path(args.output_dir or ".")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(output_dir)
+    output_dir = prepare_output_dir(args)
     transform = make_eval_transform(args)
     train_dataset = make_dataset(args.train_dataset_str, transform=transform)
     val_dataset = make_dataset(args.val_dataset_str, transform=transform)

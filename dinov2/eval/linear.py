@@ -51,10 +51,10 @@ from dinov2.eval.setup import (
     get_args_parser as get_setup_args_parser,
     get_eval_config,
     make_eval_transform,
+    prepare_output_dir,
     setup_and_build_model,
 )
 from dinov2.eval.utils import autocast_context, extract_features, label_names, model_device, normalize_targets
-from dinov2.logging import setup_logging
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
 
@@ -341,9 +341,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     _check_args(args)
-    output_dir = Path(args.output_dir or ".")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(output_dir)
+    output_dir = prepare_output_dir(args)
     eval_transform = make_eval_transform(args)
     test_strs = args.test_dataset_strs or [args.val_dataset_str]
     eval_strs = list(dict.fromkeys([args.val_dataset_str, *test_strs]))

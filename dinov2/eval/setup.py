@@ -26,6 +26,7 @@ from dinov2.models.weights import infer_backbone_kwargs, load_backbone_weights, 
 from dinov2.utils.config import get_cfg_from_args
 from dinov2.utils.errors import UserError
 from dinov2.utils.utils import fix_random_seeds
+from dinov2.logging import setup_logging
 
 logger = logging.getLogger("dinov2")
 
@@ -164,6 +165,14 @@ def setup_and_build_model(args: argparse.Namespace) -> tuple[DinoVisionTransform
     fix_random_seeds(cfg.train.seed if cfg is not None else 0)
     torch.backends.cudnn.benchmark = True
     return build_model_for_eval(cfg, args.pretrained_weights), get_autocast_dtype(cfg)
+
+
+def prepare_output_dir(args: argparse.Namespace) -> Path:
+    """`--output-dir` (default: here), created, with the run's log file in it."""
+    output_dir = Path(args.output_dir or ".")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(output_dir)
+    return output_dir
 
 
 def make_eval_transform(args: argparse.Namespace) -> ClassificationEvalTransform:
