@@ -21,6 +21,8 @@ PROJECT_KEYS = {
     "train.max_consecutive_nonfinite": 5,
     "train.head_warmup_iterations": 0,
     "train.distributed_strategy": "auto",
+    "train.compile": False,
+    "optim.fused_adamw": "auto",
     "crops.mean": [0.485, 0.456, 0.406],
     "crops.std": [0.229, 0.224, 0.225],
 }

@@ -97,3 +97,13 @@ def test_permuting_teacher_crops_consistently_keeps_the_loss(tiny_arch):
     swapped = dict(batch, teacher_global_index=torch.cat([torch.arange(B, 2 * B), torch.arange(B)]))
     permuted, _ = model.compute_losses(swapped, teacher_temp=0.04)
     assert permuted.item() == pytest.approx(base.item(), rel=1e-5)
+
+
+def test_masks_off_the_teacher_rows_are_refused():
+    from dinov2.train.ssl_meta_arch import check_masks_on_teacher_rows
+
+    masks = torch.zeros(4, 16, dtype=torch.bool)
+    masks[1, 3] = True
+    check_masks_on_teacher_rows({"collated_masks": masks, "teacher_global_index": torch.tensor([1, 3])})
+    with pytest.raises(ValueError, match="teacher does not see"):
+        check_masks_on_teacher_rows({"collated_masks": masks, "teacher_global_index": torch.tensor([0, 2])})

@@ -295,11 +295,21 @@ def fake_xformers(monkeypatch):
         monkeypatch.setattr(attention_module, "_xformers_ops", lambda: ops)
         monkeypatch.setattr(attention_module, "_xformers_unsupported", False)
         monkeypatch.delenv("XFORMERS_DISABLED", raising=False)
+        monkeypatch.setenv("DINOV2_ATTENTION", "xformers")
         return ops
     return install
 
 
-def test_xformers_used_when_available(fake_xformers):
+def test_pytorch_attention_unless_xformers_is_asked_for(fake_xformers, monkeypatch):
+    ops = fake_xformers(fail=False)
+    monkeypatch.delenv("DINOV2_ATTENTION")
+    q, k, v = _qkv()
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    torch.testing.assert_close(attention_module.scaled_dot_product(q, k, v), expected.transpose(1, 2))
+    assert ops.calls == 0
+
+
+def test_xformers_used_when_asked_for_and_available(fake_xformers):
     ops = fake_xformers(fail=False)
     q, k, v = _qkv()
     assert torch.equal(attention_module.scaled_dot_product(q, k, v), torch.zeros_like(q))

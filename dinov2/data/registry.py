@@ -27,12 +27,17 @@ class Pipeline:
     `transform(image, generator)` augments one image into a dict of crops; `collate(samples, rng)`
     turns a list of (crops, target) into the batch dict the meta-architecture consumes. Both get
     their randomness explicitly so the loader can make every batch reproducible.
+
+    `on_device(batch)`, when set, finishes the batch after it reached the training device: a
+    pipeline whose CPU workers cannot keep up with the GPU draws its random parameters in the
+    workers (so batches stay reproducible) and renders the crops there, batched.
     """
 
     transform: Callable[[Any, torch.Generator], dict]
     collate: Callable[[list[tuple[dict, Any]], random.Random], dict]
     # the items the pipeline can use (e.g. studies with enough views); None: all of them
     select: Callable[[Any], Any] | None = None
+    on_device: Callable[[dict], dict] | None = None
 
     def dataset_for(self, dataset: Any) -> Any:
         return self.select(dataset) if self.select is not None else dataset

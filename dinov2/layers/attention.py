@@ -1,8 +1,10 @@
 """Multi-head self-attention and the single place that picks the attention kernel.
 
-PyTorch's `scaled_dot_product_attention` is the default everywhere. xformers' memory-efficient
-kernel is used only when it is installed, the tensors are on CUDA and `XFORMERS_DISABLED` is
-unset; if it turns out not to support the inputs (NotImplementedError), the process falls back
+PyTorch's `scaled_dot_product_attention` is the default everywhere: on an H100 its own kernel
+choice (cuDNN or flash per shape) ran the global crops' attention 1.3-1.5x faster than the flash
+kernels xformers uses (docs/performance.md). xformers' memory-efficient kernel is used only when
+asked for (`DINOV2_ATTENTION=xformers`), installed, the tensors are on CUDA and `XFORMERS_DISABLED`
+is unset; if it turns out not to support the inputs (NotImplementedError), the process falls back
 to PyTorch for good so the failure is paid once, not at every call.
 """
 import functools
@@ -33,7 +35,8 @@ def _xformers_ops() -> ModuleType | None:
 
 def _use_xformers(q: Tensor) -> bool:
     return (
-        q.device.type in XFORMERS_DEVICE_TYPES
+        os.environ.get("DINOV2_ATTENTION", "sdpa") == "xformers"
+        and q.device.type in XFORMERS_DEVICE_TYPES
         and not _xformers_unsupported
         and "XFORMERS_DISABLED" not in os.environ
         and _xformers_ops() is not None

@@ -38,7 +38,7 @@ def reduce_over_ranks(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SU
 
 @torch.no_grad()
 def sinkhorn_knopp(
-    teacher_logits: torch.Tensor, teacher_temp: float, n_samples_total: int, n_iterations: int
+    teacher_logits: torch.Tensor, teacher_temp: float, n_samples_total: int | torch.Tensor, n_iterations: int
 ) -> torch.Tensor:
     """Balanced soft assignment of samples [B, K] to prototypes; every returned row sums to 1.
 

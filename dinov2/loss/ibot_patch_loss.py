@@ -36,7 +36,7 @@ class iBOTPatchLoss(CenteredTeacherLoss):
         counts). The caller's count tensor is left untouched, unlike upstream's in-place reduce.
         """
         n_masked = torch.as_tensor(n_masked_patches_tensor, dtype=torch.int64, device=teacher_output.device).clone()
-        n_samples_total = int(reduce_over_ranks(n_masked).sum())
+        n_samples_total = reduce_over_ranks(n_masked).sum()  # stays on the device: no host sync
         return sinkhorn_knopp(teacher_output, teacher_temp, n_samples_total, n_iterations)
 
     def forward_masked(

@@ -62,6 +62,22 @@ class CropLayout:
         return student_crops * self.n_teacher_crops - self.n_teacher_crops
 
 
+def check_masks_on_teacher_rows(images: dict[str, Any]) -> None:
+    """iBOT targets are the teacher's tokens of the same crop, so masks must sit on its rows only.
+
+    Checked once on a pipeline's first batch (while it is on the CPU) rather than every step,
+    where reading the answer back would stall the GPU.
+    """
+    masks = images["collated_masks"]
+    teacher_index = images.get("teacher_global_index")
+    if teacher_index is None:
+        return
+    seen = torch.zeros(masks.shape[0], dtype=torch.bool)
+    seen[teacher_index.cpu()] = True
+    if bool(masks.cpu()[~seen].any()):
+        raise ValueError("iBOT masks found on a global crop that the teacher does not see")
+
+
 class SSLMetaArch(nn.Module):
     """DINOv2's meta-architecture: student and teacher (backbone + heads) and their losses."""
 
@@ -160,9 +176,7 @@ class SSLMetaArch(nn.Module):
         teacher_row_of_student[layout.teacher_global_index] = torch.arange(
             layout.teacher_global_index.shape[0], device=patch_tokens.device
         )
-        teacher_rows = teacher_row_of_student[student_rows]
-        if bool((teacher_rows < 0).any()):
-            raise ValueError("iBOT masks found on a global crop that the teacher does not see")
+        teacher_rows = teacher_row_of_student[student_rows]  # valid: see check_masks_on_teacher_rows
         return patch_tokens.flatten(0, 1).index_select(0, teacher_rows * n_patches + patch_positions)
 
     # ----------------------------------------------------------------------------------- student

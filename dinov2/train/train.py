@@ -44,7 +44,7 @@ from dinov2.logging import setup_logging
 from dinov2.logging.metrics import MetricsLog
 from dinov2.train.checkpointing import Checkpointer, export_teacher, load_torch_file
 from dinov2.train.schedules import build_schedules
-from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.train.ssl_meta_arch import SSLMetaArch, check_masks_on_teacher_rows
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import setup
 from dinov2.utils.errors import UserError
@@ -107,6 +107,8 @@ class Trainer:
         self.output_dir = Path(cfg.train.output_dir)
         self.device = _training_device(cfg.train.device)
         self.model = SSLMetaArch(cfg).to(self.device)
+        if cfg.train.compile:
+            compile_blocks(self.model)
         self.strategy = resolve_strategy(cfg.train.distributed_strategy, self.device)
         distribute(self.model, self.strategy, cfg.compute_precision, self.device)
         self.optimizer = self._build_optimizer()
@@ -127,8 +129,9 @@ class Trainer:
                 lr_decay_rate=self.cfg.optim.layerwise_decay,
                 patch_embed_lr_mult=self.cfg.optim.patch_embed_lr_mult,
             )
-        fused = list(fuse_params_groups(groups))
-        return torch.optim.AdamW(fused, betas=(self.cfg.optim.adamw_beta1, self.cfg.optim.adamw_beta2))
+        merged = list(fuse_params_groups(groups))
+        betas = (self.cfg.optim.adamw_beta1, self.cfg.optim.adamw_beta2)
+        return torch.optim.AdamW(merged, betas=betas, fused=_use_fused_adamw(self.cfg.optim.fused_adamw, self.device))
 
     def _apply_schedules(self, values: dict[str, float]) -> None:
         for group in self.optimizer.param_groups:
@@ -265,7 +268,12 @@ class Trainer:
             data_iter = iter(loader)
             iter_end = time.perf_counter()
             for iteration in range(start_iter, self.max_iter):
-                batch = _to_device(next(data_iter), self.device)
+                batch = next(data_iter)
+                if iteration == start_iter:
+                    check_masks_on_teacher_rows(batch)
+                batch = _to_device(batch, self.device)
+                if pipeline.on_device is not None:
+                    batch = pipeline.on_device(batch)
                 data_time = time.perf_counter() - iter_end
                 torch.manual_seed(_iteration_seed(cfg.train.seed, get_global_rank(), iteration))
                 values = dict(self.schedules.at(iteration), freeze_backbone=iteration < cfg.train.head_warmup_iterations)
@@ -308,6 +316,27 @@ class Trainer:
                     break
         done = (stopped_at + 1 if stopped_at is not None else self.max_iter) - start_iter
         return {"iterations": done, "nonfinite_steps": nonfinite_total, "last_checkpoint": str(last_saved), "stopped_at": stopped_at}
+
+
+def compile_blocks(model: SSLMetaArch) -> None:
+    """torch.compile every transformer block of student and teacher, in place.
+
+    The block's tensor forward is compiled, not the module call, so hooks added later (FSDP2's
+    all-gathers) stay outside the graphs; keys and checkpoints are unchanged. Each block gets a
+    graph per crop size (and per grad mode for the teacher), hence the raised recompile limit.
+    """
+    blocks = [block for modules in (model.student, model.teacher) for block in unwrap(modules["backbone"]).iter_blocks()]
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(blocks))
+    for block in blocks:
+        block.forward_tensor = torch.compile(block.forward_tensor)
+
+
+def _use_fused_adamw(setting, device: torch.device) -> bool:
+    if setting == "auto":
+        return device.type == "cuda"
+    if isinstance(setting, bool):
+        return setting
+    raise UserError(f"config key optim.fused_adamw must be auto, true or false, got {setting!r}")
 
 
 def _load_strict(module: torch.nn.Module, state: dict, what: str) -> None:

@@ -1,0 +1,78 @@
+"""The speed levers change no result: 20 training iterations with them give the losses of the plain path.
+
+Levers: `train.compile` (torch.compile of every block) and `optim.fused_adamw` (PyTorch's fused
+AdamW kernel). Inductor draws its own random numbers unless told to use eager's, so the test
+asks for eager's: stochastic depth then drops the same samples on both paths and the comparison
+is of the arithmetic alone. A few 1e-3 of relative drift over 20 steps is float reordering
+amplified by Adam's normalised updates, far below what one training step changes (~1e-2).
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dinov2.data import make_dataset, make_pipeline, make_training_loader
+from dinov2.train import train as train_module
+from dinov2.utils.config import setup
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "dinov2" / "configs" / "train" / "vits14_cpu_smoke.yaml"
+ITERATIONS = 20
+FAST = ["train.compile=true", "optim.fused_adamw=true"]
+PLAIN = ["train.compile=false", "optim.fused_adamw=false"]
+
+
+def _losses(output_dir: Path, device: str, *opts: str) -> np.ndarray:
+    args = train_module.get_args_parser().parse_args([
+        "--config-file", str(SMOKE), "--output-dir", str(output_dir), "--no-resume",
+        "student.arch=vit_test_tiny", "train.OFFICIAL_EPOCH_LENGTH=10", "optim.epochs=2", "optim.warmup_epochs=1",
+        "train.batch_size_per_gpu=4", "student.drop_path_rate=0.3", f"train.device={device}",
+        "compute_precision.student.backbone.mixed_precision.param_dtype=bf16", *opts,
+    ])
+    cfg = setup(args)
+    trainer = train_module.Trainer(cfg)
+    trainer.model.train()
+    pipeline = make_pipeline(cfg)
+    loader = iter(make_training_loader(pipeline.dataset_for(make_dataset(cfg.train.dataset_path)), pipeline,
+                                       batch_size=4, num_workers=0, seed=cfg.train.seed))
+    losses = []
+    for iteration in range(ITERATIONS):
+        torch.manual_seed(iteration)
+        batch = {k: v.to(trainer.device) if isinstance(v, torch.Tensor) else v for k, v in next(loader).items()}
+        stepped, total, _ = trainer.train_step(batch, dict(trainer.schedules.at(iteration), freeze_backbone=False))
+        assert stepped
+        losses.append(float(total.detach()))
+    return np.array(losses)
+
+
+@pytest.fixture
+def eager_random(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+
+
+@pytest.mark.usefixtures("tiny_vit", "eager_random")
+def test_compiled_blocks_and_fused_adamw_match_the_plain_path_on_cpu(tmp_path):
+    plain = _losses(tmp_path / "plain", "cpu", *PLAIN)
+    fast = _losses(tmp_path / "fast", "cpu", *FAST)
+    # the same weights give the same loss: the first step (and the zero-lr first update) exactly
+    np.testing.assert_allclose(fast[:2], plain[:2], rtol=1e-5)
+    np.testing.assert_allclose(fast, plain, rtol=5e-3)
+    assert np.abs(np.diff(plain)).max() > 5 * 5e-3 * np.abs(plain).max()  # a step moves the loss far more than that
+
+
+@pytest.mark.cuda
+@pytest.mark.usefixtures("tiny_vit", "eager_random")
+def test_fast_path_matches_the_plain_path_in_bf16_on_cuda(tmp_path):
+    plain = _losses(tmp_path / "plain", "cuda", *PLAIN)
+    fast = _losses(tmp_path / "fast", "cuda", *FAST)
+    np.testing.assert_allclose(fast, plain, rtol=2e-2)  # bf16: 8 mantissa bits
+
+
+def test_fused_adamw_setting_is_checked(tmp_path, tiny_vit):
+    args = train_module.get_args_parser().parse_args(
+        ["--config-file", str(SMOKE), "--output-dir", str(tmp_path), f"student.arch={tiny_vit}", "optim.fused_adamw=sometimes"])
+    with pytest.raises(ValueError, match="optim.fused_adamw"):
+        train_module.Trainer(setup(args))
