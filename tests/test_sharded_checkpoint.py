@@ -74,6 +74,14 @@ def test_single_process_checkpoint_resumes_in_two_sharded_processes(single_run, 
     assert (resumed / "model_final" / ".metadata").exists()
 
 
+def test_fsdp_named_for_one_process_runs_the_sharded_path_with_the_same_result(single_run, tmp_path):
+    """One GPU measures the FSDP path this way: `train.distributed_strategy=fsdp` without a launcher."""
+    out = tmp_path / "one_fsdp"
+    train_processes(out, 1, PERIOD, "train.distributed_strategy=fsdp")
+    assert len(list((out / "model_final").glob("*.distcp"))) == 1  # sharded folders, one rank
+    assert_same_teacher(teacher_export(single_run, 9), teacher_export(out, 9))
+
+
 @pytest.mark.slow
 def test_sharded_checkpoint_resumes_with_ddp(fsdp_run, tmp_path):
     resumed = interrupted_copy(fsdp_run, tmp_path / "resumed", "model_0000002")

@@ -89,18 +89,25 @@ def launch_environment(environ: dict | None = None) -> LaunchEnvironment | None:
     return None
 
 
-def enable(timeout: timedelta = timedelta(minutes=30)) -> bool:
+def enable(timeout: timedelta = timedelta(minutes=30), single_process: bool = False) -> bool:
     """Join the launcher's process group (NCCL on CUDA, gloo on CPU); True when one was joined.
 
     A single process without launcher variables is left alone, so the same entry point serves
-    laptops, tests and clusters. The variables torchrun would have set are exported for SLURM
-    tasks too, so code reading LOCAL_RANK or MASTER_ADDR works under either launcher.
+    laptops, tests and clusters, unless `single_process` asks for a group of one anyway: that is
+    how one GPU runs the sharded (FSDP) code path, to measure it or to test it. The variables
+    torchrun would have set are exported for SLURM tasks too, so code reading LOCAL_RANK or
+    MASTER_ADDR works under either launcher.
     """
     if is_enabled():
         return True
     launch = launch_environment()
     if launch is None or launch.world_size == 1:
-        return False
+        if not single_process:
+            return False
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        logger.info("process group of one process (%s)", backend)
+        return True
     os.environ.update(
         RANK=str(launch.rank),
         WORLD_SIZE=str(launch.world_size),

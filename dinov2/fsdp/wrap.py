@@ -7,7 +7,8 @@
   teacher submodule, with upstream's per-submodule mixed precision from `compute_precision`.
   Student and teacher are sharded identically, so the EMA update stays shard-local.
 - `auto`: `fsdp` on CUDA, `ddp` on CPU (FSDP2 runs on CPU too, but only costs there: no memory
-  to save, and float32 only). A single process without a launcher is never wrapped.
+  to save, and float32 only). A single process without a launcher is not wrapped under `auto`;
+  naming `ddp` or `fsdp` wraps it in a process group of one (the sharded path on one GPU).
 """
 from __future__ import annotations
 

@@ -109,6 +109,8 @@ class Trainer:
         self.model = SSLMetaArch(cfg).to(self.device)
         if cfg.train.compile:
             compile_blocks(self.model)
+        if cfg.train.distributed_strategy in ("ddp", "fsdp"):
+            distributed.enable(single_process=True)  # a named strategy wraps even a single process
         self.strategy = resolve_strategy(cfg.train.distributed_strategy, self.device)
         distribute(self.model, self.strategy, cfg.compute_precision, self.device)
         self.optimizer = self._build_optimizer()
