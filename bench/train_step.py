@@ -256,7 +256,7 @@ def plot(rows: list[dict], png: Path) -> Path:
     mfu.legend()
     for axis in (speed, mfu):
         axis.tick_params(axis="x", labelsize=7)
-    figure.suptitle("training step (" + (timed[0]["label"] or "default settings") + ")" if timed else "training step")
+    figure.suptitle("training step (" + (timed[0]["label"] or "upstream settings") + ")" if timed else "training step")
     figure.tight_layout()
     atomic_write(png, lambda f: figure.savefig(f, format="png", dpi=110))
     plt.close(figure)
