@@ -10,6 +10,11 @@ The photometric changes are those that happen between radiographs (exposure, con
 detector's tone curve, focus; solarisation as in DINOv2), applied on one gray channel; hue and saturation
 would be meaningless on gray images. Horizontal flips are off by default: a flipped lateral view
 is a different laterality (left-right), which the model should not learn to ignore.
+
+The random choices of a study (which views, which boxes, which changes) are drawn first, into a
+`StudyCropPlan`, in the order the per-crop transforms always drew them; `vet_ext.crop_render`
+then renders the plan. A CPU worker does both ("multiview"); the "multiview_device" pipeline
+draws the plan in the workers and renders whole batches on the training device.
 """
 from __future__ import annotations
 
@@ -21,60 +26,25 @@ import torch
 from omegaconf import DictConfig
 
 from dinov2.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
-from dinov2.data.transforms import (
-    Compose,
-    GaussianBlur,
-    Normalize,
-    RandomApply,
-    RandomHorizontalFlip,
-    RandomResizedCrop,
-    RandomSolarize,
-    Transform,
-    adjust_brightness,
-)
+from dinov2.data.transforms import random_resized_crop_params
 from dinov2.utils.errors import UserError
+from vet_ext.crop_render import BRIGHTNESS, CONTRAST, GAMMA, CropGroupPlan, render_crops, to_unit_float
 
 GLOBAL_CROPS_PER_VIEW = 2
+CROP_ASPECT_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default, as DINOv2 uses it
 
 
 def _randint(generator: torch.Generator, high: int) -> int:
     return int(torch.randint(high, (1,), generator=generator))
 
 
-def adjust_contrast_gray(image: torch.Tensor, factor: float) -> torch.Tensor:
-    """Scale the deviations from the image's mean gray level."""
-    return (factor * image + (1 - factor) * image.mean()).clamp(0, 1)
+def _chance(generator: torch.Generator, p: float) -> bool:
+    """One draw whatever p is (as RandomApply does), so that p = 0 does not shift later draws."""
+    return float(torch.rand(1, generator=generator)) < p
 
 
-def adjust_gamma(image: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Tone-curve change (gamma < 1 brightens the dark parts): detectors and display LUTs differ by it."""
-    return image.clamp(0, 1).pow(gamma)
-
-
-class IntensityJitter:
-    """Brightness, contrast and gamma changes in a random order, each factor drawn per crop.
-
-    Brightness and contrast factors are uniform in [1 - s, 1 + s]; gamma is log-uniform in
-    `gamma_range` so that brightening and darkening curves are equally likely.
-    """
-
-    def __init__(self, brightness: float, contrast: float, gamma_range: Sequence[float]):
-        self.brightness = (max(0.0, 1 - brightness), 1 + brightness)
-        self.contrast = (max(0.0, 1 - contrast), 1 + contrast)
-        self.log_gamma = (math.log(gamma_range[0]), math.log(gamma_range[1]))
-
-    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        order = torch.randperm(3, generator=generator).tolist()
-        u_brightness, u_contrast, u_gamma = torch.rand(3, generator=generator).tolist()
-        changes = (
-            (adjust_brightness, _between(self.brightness, u_brightness)),
-            (adjust_contrast_gray, _between(self.contrast, u_contrast)),
-            (adjust_gamma, math.exp(_between(self.log_gamma, u_gamma))),
-        )
-        for index in order:
-            adjust, factor = changes[index]
-            image = adjust(image, factor)
-        return image
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return float(torch.empty(1).uniform_(low, high, generator=generator))
 
 
 def _between(bounds: tuple[float, float], fraction: float) -> float:
@@ -138,11 +108,78 @@ def settings_from_config(cfg: DictConfig) -> AugmentationSettings:
     return settings
 
 
-def to_gray_float(view: torch.Tensor) -> torch.Tensor:
-    """uint8 (or float in [0, 1]) [1, H, W] -> float32 [1, H, W] in [0, 1]."""
+def check_gray_view(view: torch.Tensor) -> torch.Tensor:
+    """The view, if it is [1, H, W]: any other shape would be cropped along the wrong axes."""
     if view.ndim != 3 or view.shape[0] != 1:
         raise ValueError(f"expected a gray view of shape [1, H, W], got {tuple(view.shape)}")
-    return view.float() / 255.0 if view.dtype == torch.uint8 else view.float()
+    return view
+
+
+@dataclass(frozen=True)
+class CropRecipe:
+    """How one kind of crop is drawn: its box scale, and the chances of each change.
+
+    `draw` takes the random numbers in the order the per-image transforms of dinov2.data
+    (RandomResizedCrop, RandomHorizontalFlip, RandomApply(intensity), RandomApply(GaussianBlur),
+    RandomSolarize) take them, so a seed gives the crops it always gave. A recipe without
+    solarisation draws nothing for it.
+    """
+
+    scale: tuple[float, float]
+    settings: AugmentationSettings
+    blur_probability: float
+    solarize_probability: float | None = None
+
+    def draw(self, height: int, width: int, generator: torch.Generator) -> dict:
+        settings = self.settings
+        box = random_resized_crop_params(height, width, self.scale, CROP_ASPECT_RATIO, generator)
+        hflip = _chance(generator, settings.hflip_probability)
+        intensity = _chance(generator, settings.intensity_probability)
+        order, factors = [BRIGHTNESS, CONTRAST, GAMMA], [1.0, 1.0, 1.0]
+        if intensity:
+            order = torch.randperm(3, generator=generator).tolist()
+            u_brightness, u_contrast, u_gamma = torch.rand(3, generator=generator).tolist()
+            log_gamma = (math.log(settings.gamma_range[0]), math.log(settings.gamma_range[1]))
+            factors = [
+                _between((max(0.0, 1 - settings.brightness), 1 + settings.brightness), u_brightness),
+                _between((max(0.0, 1 - settings.contrast), 1 + settings.contrast), u_contrast),
+                math.exp(_between(log_gamma, u_gamma)),
+            ]
+        sigma = _uniform(generator, *settings.blur_sigma) if _chance(generator, self.blur_probability) else 0.0
+        solarize = self.solarize_probability is not None and _chance(generator, self.solarize_probability)
+        return {"boxes": box, "hflip": hflip, "intensity": intensity, "intensity_order": order,
+                "intensity_factors": factors, "blur_sigma": sigma, "solarize": solarize}  # fmt: skip
+
+
+# per-crop field of a plan: dtype and the shape of one crop's entry
+_PLAN_FIELDS = {
+    "boxes": (torch.int64, (4,)),
+    "hflip": (torch.bool, ()),
+    "intensity": (torch.bool, ()),
+    "intensity_order": (torch.int64, (3,)),
+    "intensity_factors": (torch.float32, (3,)),
+    "blur_sigma": (torch.float32, ()),
+    "solarize": (torch.bool, ()),
+}
+
+
+def group_plan(draws: Sequence[dict], n_views: int) -> CropGroupPlan:
+    """Per-crop draws (view-major) -> a CropGroupPlan with leading dims [n_views, crops per view]."""
+    fields = {
+        key: torch.tensor([draw[key] for draw in draws], dtype=dtype).reshape(n_views, -1, *entry)
+        for key, (dtype, entry) in _PLAN_FIELDS.items()
+    }
+    return CropGroupPlan(**fields)
+
+
+@dataclass(frozen=True)
+class StudyCropPlan:
+    """Every random choice of one study's crops: rendering it needs no generator."""
+
+    view_indices: tuple[int, int]  # the two views of the study the crops come from
+    teacher_view: int  # 0 or 1: the teacher sees the global crops of view_indices[teacher_view]
+    global_crops: CropGroupPlan  # [2 views, GLOBAL_CROPS_PER_VIEW]
+    local_crops: CropGroupPlan  # [2 views, local crops per view]
 
 
 class MultiViewAugmentation:
@@ -166,41 +203,15 @@ class MultiViewAugmentation:
         settings: AugmentationSettings = AugmentationSettings(),
     ):
         self.local_crops_number = local_crops_number
-        flip = RandomHorizontalFlip(p=settings.hflip_probability)
-        self.global_geometry = Compose([RandomResizedCrop(global_crops_size, scale=global_crops_scale), flip])
-        self.local_geometry = Compose([RandomResizedCrop(local_crops_size, scale=local_crops_scale), flip])
-
-        intensity = RandomApply(
-            IntensityJitter(settings.brightness, settings.contrast, settings.gamma_range),
-            p=settings.intensity_probability,
-        )
-
-        def blur(p: float) -> Transform:
-            return RandomApply(GaussianBlur(kernel_size=9, sigma=settings.blur_sigma), p=p)
-
+        self.global_crops_size, self.local_crops_size = global_crops_size, local_crops_size
+        self.mean, self.std = tuple(mean), tuple(std)
         first_blur, second_blur = settings.global_blur_probability
-        self.global_photometry = (
-            Compose([intensity, blur(first_blur)]),
-            Compose([intensity, blur(second_blur), RandomSolarize(threshold=128, p=settings.solarize_probability)]),
+        global_scale, local_scale = tuple(global_crops_scale), tuple(local_crops_scale)
+        self.global_recipes = (
+            CropRecipe(global_scale, settings, first_blur),
+            CropRecipe(global_scale, settings, second_blur, solarize_probability=settings.solarize_probability),
         )
-        self.local_photometry = Compose([intensity, blur(settings.local_blur_probability)])
-        self.normalize = Normalize(mean, std)
-
-    def _finish(self, gray_crop: torch.Tensor) -> torch.Tensor:
-        """One gray channel repeated to the three the (ImageNet-pretrained) backbone expects."""
-        return self.normalize(gray_crop.expand(3, -1, -1))
-
-    def _global_crops(self, view: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        return [
-            self._finish(photometry(self.global_geometry(view, generator), generator))
-            for photometry in self.global_photometry
-        ]
-
-    def _local_crops(self, view: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        return [
-            self._finish(self.local_photometry(self.local_geometry(view, generator), generator))
-            for _ in range(self.local_crops_number)
-        ]
+        self.local_recipe = CropRecipe(local_scale, settings, settings.local_blur_probability)
 
     @staticmethod
     def draw_view_pair(n_views: int, generator: torch.Generator) -> tuple[int, int]:
@@ -213,18 +224,30 @@ class MultiViewAugmentation:
         second = _randint(generator, n_views - 1)
         return first, second + (second >= first)
 
+    def plan(self, view_sizes: Sequence[tuple[int, int]], generator: torch.Generator) -> StudyCropPlan:
+        """The study's crops, drawn from the (height, width) of its views only: no pixel is read."""
+        view_indices = self.draw_view_pair(len(view_sizes), generator)
+        teacher_view = _randint(generator, 2)
+        sizes = [view_sizes[index] for index in view_indices]
+        global_draws = [recipe.draw(*size, generator) for size in sizes for recipe in self.global_recipes]
+        local_draws = [self.local_recipe.draw(*size, generator) for size in sizes for _ in range(self.local_crops_number)]
+        return StudyCropPlan(view_indices, teacher_view, group_plan(global_draws, 2), group_plan(local_draws, 2))
+
+    def render(self, views: torch.Tensor, plan: CropGroupPlan, size: int) -> torch.Tensor:
+        """Views [2, H, W] -> crops [2, K, 3, size, size] (see `vet_ext.crop_render.render_crops`)."""
+        return render_crops(views, plan, size, self.mean, self.std)
+
     def __call__(self, views: Sequence[torch.Tensor], generator: torch.Generator) -> dict:
         """`views`: the study's images, uint8 (or float in [0, 1]) [1, H, W], sizes may differ."""
-        view_indices = self.draw_view_pair(len(views), generator)
-        teacher_view = _randint(generator, 2)
-        pair = [to_gray_float(views[index]) for index in view_indices]
-        global_crops = [crop for view in pair for crop in self._global_crops(view, generator)]
-        local_crops = [crop for view in pair for crop in self._local_crops(view, generator)]
+        plan = self.plan([tuple(view.shape[-2:]) for view in views], generator)
+        pair = to_unit_float(pad_to_canvas([check_gray_view(views[index])[0] for index in plan.view_indices]))
+        global_crops = self.render(pair, plan.global_crops, self.global_crops_size)
+        local_crops = self.render(pair, plan.local_crops, self.local_crops_size)
         return {
-            "global_crops": global_crops,
-            "local_crops": local_crops,
-            "teacher_view": teacher_view,
-            "view_indices": view_indices,
+            "global_crops": list(global_crops.flatten(0, 1)),
+            "local_crops": list(local_crops.flatten(0, 1)),
+            "teacher_view": plan.teacher_view,
+            "view_indices": plan.view_indices,
         }
 
     @classmethod
@@ -240,3 +263,34 @@ class MultiViewAugmentation:
             std=tuple(crops.std),
             settings=settings_from_config(cfg),
         )
+
+
+class MultiViewPlanning:
+    """The transform of the "multiview_device" pipeline: a study's plan and its two chosen views.
+
+    No pixel work: the views stay uint8 (a quarter of the bytes of float crops on the way to
+    the GPU) and the crops are rendered there, batched, from the plan.
+    """
+
+    def __init__(self, augmentation: MultiViewAugmentation):
+        self.augmentation = augmentation
+
+    def __call__(self, views: Sequence[torch.Tensor], generator: torch.Generator) -> dict:
+        plan = self.augmentation.plan([tuple(view.shape[-2:]) for view in views], generator)
+        pair = [check_gray_view(views[index]) for index in plan.view_indices]
+        return {"views": pair, "plan": plan, "teacher_view": plan.teacher_view, "view_indices": plan.view_indices}
+
+
+def pad_to_canvas(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[H_i, W_i] images (or [C, H_i, W_i]...) -> one zero-padded stack at the largest height and width.
+
+    Crop boxes stay inside their own image, so the padding is never sampled.
+    """
+    height = max(image.shape[-2] for image in images)
+    width = max(image.shape[-1] for image in images)
+    if all(image.shape[-2:] == (height, width) for image in images):
+        return torch.stack(list(images))
+    canvas = images[0].new_zeros((len(images), *images[0].shape[:-2], height, width))
+    for index, image in enumerate(images):
+        canvas[index, ..., : image.shape[-2], : image.shape[-1]] = image
+    return canvas

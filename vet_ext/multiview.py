@@ -1,4 +1,8 @@
-"""The "multiview" training pipeline (`train.pipeline: multiview`) and the config keys it reads.
+"""The "multiview" and "multiview_device" training pipelines (`train.pipeline`) and the config keys they read.
+
+Both give the same batches for the same seed. "multiview" renders the crops in the loader's CPU
+workers; "multiview_device" only draws their plans there and renders whole batches on the
+training device, for GPUs that consume crops faster than CPU workers make them.
 
 Importing this module registers both; `vet_ext.registration.register` imports it, so every
 dinov2 command knows them once vet_ext is installed.
@@ -15,8 +19,8 @@ from dinov2.configs import register_config_defaults
 from dinov2.data.pipelines import make_dino_pipeline
 from dinov2.data.registry import Pipeline, register_pipeline
 from dinov2.utils.errors import UserError
-from vet_ext.augment import MultiViewAugmentation, AugmentationSettings
-from vet_ext.collate import MultiViewCollate
+from vet_ext.augment import AugmentationSettings, MultiViewAugmentation, MultiViewPlanning
+from vet_ext.collate import DeviceMultiViewCollate, MultiViewCollate, RenderOnDevice
 
 _DEFAULTS = AugmentationSettings()
 
@@ -46,6 +50,19 @@ def make_multiview_pipeline(cfg: DictConfig) -> Pipeline:
         transform=MultiViewAugmentation.from_config(cfg),
         collate=MultiViewCollate(make_dino_pipeline(cfg).collate),
         select=functools.partial(select_studies, cfg=cfg),
+    )
+
+
+@register_pipeline("multiview_device")
+def make_multiview_device_pipeline(cfg: DictConfig) -> Pipeline:
+    """"multiview" with the pixel work moved to the training device: workers draw plans, send uint8 views."""
+    multiview = make_multiview_pipeline(cfg)
+    crops = cfg.crops
+    return Pipeline(
+        transform=MultiViewPlanning(multiview.transform),
+        collate=DeviceMultiViewCollate(multiview.collate),
+        select=multiview.select,
+        on_device=RenderOnDevice(crops.global_crops_size, crops.local_crops_size, tuple(crops.mean), tuple(crops.std)),
     )
 
 
