@@ -25,6 +25,7 @@ Outputs in --out: results.json, results.md (printed), train_step.png.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import statistics
@@ -237,11 +238,13 @@ def run_case(args: argparse.Namespace, case: Case, peak_rate: float) -> dict:
     try:
         return time_case(args, case, peak_rate)
     except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        if case.batch_size <= args.fallback_batch_size:
-            return {"label": args.label, "arch": case.arch, "mode": case.mode, "batch": case.batch_size, "step_ms": None, "note": "out of memory"}
-        smaller = Case(case.arch, case.mode, args.fallback_batch_size, case.local_crops)
-        return dict(run_case(args, smaller, peak_rate), note=f"batch {case.batch_size} out of memory")
+        pass  # retried below, once the exception no longer holds the failed model's frames
+    gc.collect()
+    torch.cuda.empty_cache()
+    if case.batch_size <= args.fallback_batch_size:
+        return {"label": args.label, "arch": case.arch, "mode": case.mode, "batch": case.batch_size, "step_ms": None, "note": "out of memory"}
+    smaller = Case(case.arch, case.mode, args.fallback_batch_size, case.local_crops)
+    return dict(run_case(args, smaller, peak_rate), note=f"batch {case.batch_size} out of memory")
 
 
 def plot(rows: list[dict], png: Path) -> Path:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,3 +37,22 @@ def test_train_step_bench_reports_both_layouts_consistently(tmp_path):
     assert results["info"]["overrides"].startswith("crops.global_crops_size=56")
     assert (out / "train_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "configurations in" in proc.stdout
+
+
+def test_out_of_memory_falls_back_to_the_smaller_batch(monkeypatch):
+    sys.path.insert(0, str(REPO / "bench"))
+    import train_step
+
+    tried = []
+
+    def time_case(args, case, peak_rate):
+        tried.append(case.batch_size)
+        if case.batch_size > 32:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return {"arch": case.arch, "batch": case.batch_size, "step_ms": 1.0}
+
+    monkeypatch.setattr(train_step, "time_case", time_case)
+    args = train_step.get_args_parser().parse_args(["--fallback-batch-size", "32"])
+    row = train_step.run_case(args, train_step.Case("vit_large", "multiview", 64, 10), peak_rate=1.0)
+    assert tried == [64, 32]
+    assert row["batch"] == 32 and row["note"] == "batch 64 out of memory"
