@@ -3,6 +3,7 @@
 Skipped without CUDA (see conftest). bf16 keeps 8 mantissa bits, so outputs of size ~5 carry
 errors of a few 1e-2; the tolerance below is bf16's, not float32's.
 """
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -42,4 +43,6 @@ def test_smoke_run_on_cuda_in_bf16(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "model_final.rank_0.pth").exists()
+    last = json.loads((out / "training_metrics.json").read_text().splitlines()[-1])
+    assert last["max_mem_mib"] > 0  # upstream's "max mem", logged on CUDA
     assert list((out / "eval").glob("training_*/teacher_checkpoint.pth"))

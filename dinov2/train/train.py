@@ -304,7 +304,7 @@ class Trainer:
                 )
                 is_last = iteration == self.max_iter - 1
                 if (iteration % cfg.train.log_period_iterations == 0 or is_last) and is_main_process():
-                    record = metrics.write(iteration, nonfinite_steps=nonfinite_total)
+                    record = metrics.write(iteration, nonfinite_steps=nonfinite_total, **_peak_memory(self.device))
                     progress.set_postfix(loss=f"{record.get('total_loss', math.nan):.3f}", lr=f"{values['lr']:.2e}")
                 if (iteration + 1) % cfg.evaluation.eval_period_iterations == 0 or is_last:
                     self.export(f"training_{iteration}")
@@ -377,6 +377,13 @@ def _mean_over_ranks(loss_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         return loss_dict
     means = distributed.all_reduce_mean(torch.stack([v.detach().float() for v in loss_dict.values()]))
     return dict(zip(loss_dict, means))
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory allocated so far in MiB (upstream's "max mem"); nothing on the CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"max_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20}
 
 
 def _iteration_seed(seed: int, rank: int, iteration: int) -> int:
