@@ -23,7 +23,7 @@ FAST = ["train.compile=true", "optim.fused_adamw=true"]
 PLAIN = ["train.compile=false", "optim.fused_adamw=false"]
 
 
-def _losses(output_dir: Path, device: str, *opts: str) -> np.ndarray:
+def _trainer_and_batches(output_dir: Path, device: str, *opts: str):
     args = train_module.get_args_parser().parse_args([
         "--config-file", str(SMOKE), "--output-dir", str(output_dir), "--no-resume",
         "student.arch=vit_test_tiny", "train.OFFICIAL_EPOCH_LENGTH=10", "optim.epochs=2", "optim.warmup_epochs=1",
@@ -34,13 +34,18 @@ def _losses(output_dir: Path, device: str, *opts: str) -> np.ndarray:
     trainer = train_module.Trainer(cfg)
     trainer.model.train()
     pipeline = make_pipeline(cfg)
-    loader = iter(make_training_loader(pipeline.dataset_for(make_dataset(cfg.train.dataset_path)), pipeline,
-                                       batch_size=4, num_workers=0, seed=cfg.train.seed))
+    loader = make_training_loader(pipeline.dataset_for(make_dataset(cfg.train.dataset_path)), pipeline,
+                                  batch_size=4, num_workers=0, seed=cfg.train.seed)
+    batches = ({k: v.to(trainer.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in loader)
+    return trainer, batches
+
+
+def _losses(output_dir: Path, device: str, *opts: str) -> np.ndarray:
+    trainer, batches = _trainer_and_batches(output_dir, device, *opts)
     losses = []
     for iteration in range(ITERATIONS):
         torch.manual_seed(iteration)
-        batch = {k: v.to(trainer.device) if isinstance(v, torch.Tensor) else v for k, v in next(loader).items()}
-        stepped, total, _ = trainer.train_step(batch, dict(trainer.schedules.at(iteration), freeze_backbone=False))
+        stepped, total, _ = trainer.train_step(next(batches), dict(trainer.schedules.at(iteration), freeze_backbone=False))
         assert stepped
         losses.append(float(total.detach()))
     return np.array(losses)
@@ -69,6 +74,26 @@ def test_fast_path_matches_the_plain_path_in_bf16_on_cuda(tmp_path):
     plain = _losses(tmp_path / "plain", "cuda", *PLAIN)
     fast = _losses(tmp_path / "fast", "cuda", *FAST)
     np.testing.assert_allclose(fast, plain, rtol=2e-2)  # bf16: 8 mantissa bits
+
+
+@pytest.mark.cuda
+@pytest.mark.usefixtures("tiny_vit")
+@pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
+def test_a_training_step_waits_for_the_gpu_once(tmp_path, centering):
+    """The non-finite check is the step's one read-back; nothing else in the step waits on the GPU."""
+    trainer, batches = _trainer_and_batches(tmp_path, "cuda", *FAST[1:], f"train.centering={centering}")
+    values = dict(trainer.schedules.at(1), freeze_backbone=False)
+    trainer.train_step(next(batches), values)  # warm-up: lazy initialisations may sync once
+    batch = next(batches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as warned:
+            trainer.train_step(batch, values)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in warned if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
 
 
 def test_fused_adamw_setting_is_checked(tmp_path, tiny_vit):
