@@ -298,3 +298,18 @@ def test_rendering_on_cuda_equals_rendering_on_cpu():
     on_cpu = render_crops(views, plan, 56, MEAN, STD)
     on_cuda = render_crops(views.cuda(), plan.map(lambda t: t.cuda()), 56, MEAN, STD)
     torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=0, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_rendering_on_cuda_never_waits_for_the_gpu():
+    """The batch is rendered between the transfer and the step: a host sync there would stall the GPU."""
+    generator = torch.Generator().manual_seed(5)
+    views = torch.randint(0, 256, (6, 120, 100), dtype=torch.uint8, generator=generator).cuda()
+    plan = every_change_plan(6, 120, 100).map(lambda t: t.cuda())
+    render_crops(views, plan, 56, MEAN, STD)  # warm-up: first kernel launches may initialise lazily
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        render_crops(views, plan, 56, MEAN, STD)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
