@@ -70,9 +70,11 @@ def test_compiled_blocks_and_fused_adamw_match_the_plain_path_on_cpu(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.usefixtures("tiny_vit", "eager_random")
-def test_fast_path_matches_the_plain_path_in_bf16_on_cuda(tmp_path):
-    plain = _losses(tmp_path / "plain", "cuda", *PLAIN)
-    fast = _losses(tmp_path / "fast", "cuda", *FAST)
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])  # fp16: upstream's default, with the gradient scaler
+def test_fast_path_matches_the_plain_path_on_cuda(tmp_path, precision):
+    dtype = f"compute_precision.student.backbone.mixed_precision.param_dtype={precision}"
+    plain = _losses(tmp_path / "plain", "cuda", *PLAIN, dtype)
+    fast = _losses(tmp_path / "fast", "cuda", *FAST, dtype)
     np.testing.assert_allclose(fast, plain, rtol=2e-2)  # bf16: 8 mantissa bits
 
 
