@@ -30,9 +30,24 @@ class MetricType(enum.Enum):
     MEAN_PER_CLASS_ACCURACY = "mean_per_class_accuracy"
     MACRO_AP = "macro_ap"
     MACRO_AUC = "macro_auc"
+    PER_CLASS_ACCURACY = "per_class_accuracy"
+    IMAGENET_REAL_ACCURACY = "imagenet_real_accuracy"
 
     def __str__(self) -> str:
         return self.value
+
+
+# Upstream names accepted on the command line so that their users get a reason, not a usage error.
+UNAVAILABLE_METRICS = {
+    MetricType.IMAGENET_REAL_ACCURACY: "needs the ImageNet-ReaL labels (several correct classes per ImageNet "
+    "validation image), and this project has no dataset that provides them; use mean_accuracy",
+}
+
+
+def check_available(metric: MetricType) -> None:
+    """Refuse a metric that can be named but not computed here, before any costly work starts."""
+    if metric in UNAVAILABLE_METRICS:
+        raise UserError(f"metric {metric} {UNAVAILABLE_METRICS[metric]}")
 
 
 def target_kind(targets: np.ndarray) -> str:
@@ -54,10 +69,16 @@ def topk_accuracy(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]
     return {f"top-{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
 
 
+def per_class_accuracy(scores: torch.Tensor, targets: torch.Tensor) -> dict[int, float]:
+    """Top-1 recall of each class present in `targets`, in class order: where a model fails,
+    which one number hides."""
+    predictions = scores.argmax(dim=1)
+    return {c: (predictions[targets == c] == c).float().mean().item() for c in targets.unique().tolist()}
+
+
 def mean_per_class_accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:
     """Top-1 recall averaged over the classes present in `targets` (each class weighs the same)."""
-    predictions = scores.argmax(dim=1)
-    recalls = [(predictions[targets == c] == c).float().mean().item() for c in targets.unique().tolist()]
+    recalls = list(per_class_accuracy(scores, targets).values())
     return float(np.mean(recalls)) if recalls else math.nan
 
 
@@ -134,7 +155,11 @@ def default_metric(targets: np.ndarray) -> MetricType:
 
 
 def metric_key(metric: MetricType, targets: np.ndarray) -> str:
-    """The `evaluate_predictions` summary key that `metric` reads, refusing metrics that do not apply."""
+    """The `evaluate_predictions` summary key that `metric` reads, refusing metrics that do not apply.
+
+    per_class_accuracy is a vector; where one number is needed (picking a head) it is its mean.
+    """
+    check_available(metric)
     multi = target_kind(targets) == MULTI
     if metric in (MetricType.MACRO_AP, MetricType.MACRO_AUC):
         if multi:
