@@ -87,6 +87,45 @@ def test_launcher_flags_become_slurm_parameters(monkeypatch):
     assert params["slurm_additional_parameters"] == {"constraint": "volta32gb"}
 
 
+EVAL_FLAGS = {
+    "knn": ["--nb_knn", "5"],
+    "linear": ["--epochs", "1", "--epoch-length", "4", "--eval-period-iterations", "4", "--learning-rates", "0.01",
+               "--batch-size", "16"],
+    "log_regression": ["--c-grid-size", "2", "--max-train-iters", "50"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(EVAL_FLAGS))
+def test_evaluation_launchers_run_their_command_on_slurm(cluster, tmp_path, monkeypatch, command):
+    """`python -m dinov2.run.eval.<command>`: upstream's three launchers, each a job that writes its results."""
+    import importlib
+
+    import torch
+
+    from dinov2.models.vision_transformer import DinoVisionTransformer
+
+    torch.manual_seed(0)
+    backbone = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=1)
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pth")  # a hub-style file: architecture inferred
+    submitted = {}
+    launcher = importlib.import_module(f"dinov2.run.eval.{command}")
+    monkeypatch.setattr("dinov2.run.eval.launcher.submit_jobs",
+                        lambda task, args, name: submitted.update(job=submit_jobs(task, args, name), name=name))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    assert launcher.main([
+        "--ngpus", "0", "--cpus-per-task", "1", "--partition", cluster, "--timeout", "10",
+        "--pretrained-weights", str(tmp_path / "backbone.pth"), "--output-dir", str(out),
+        "--train-dataset", "Synthetic:n=48:size=56", "--val-dataset", "Synthetic:n=24:size=56",
+        "--crop-size", "56", "--num-workers", "0", *EVAL_FLAGS[command],
+    ]) == 0
+    assert submitted["name"] == f"dinov2:{'logreg' if command == 'log_regression' else command}"
+    job = submitted["job"]
+    wait_for(lambda: job_gone(job.job_id), f"the {command} job to end", timeout=180, job=job)
+    results = json.loads((out / "results.json").read_text())
+    assert results and all(section["rows"] for section in results.values())
+
+
 @pytest.mark.slow
 def test_cancelled_then_preempted_training_resumes_and_loses_nothing(cluster, tmp_path, monkeypatch):
     out = tmp_path / "run"

@@ -1,0 +1,15 @@
+"""Submit the logistic-regression evaluation to SLURM:
+`python -m dinov2.run.eval.log_regression --ngpus G --config-file FILE --pretrained-weights W --output-dir OUT ...`
+(the flags of dinov2.eval.log_regression plus those of dinov2.run.submit)."""
+from __future__ import annotations
+
+from dinov2.run.eval.launcher import launch
+from dinov2.utils.cli import run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    return launch("log_regression", "dinov2:logreg", argv)
+
+
+if __name__ == "__main__":
+    run_cli(main)
