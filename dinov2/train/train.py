@@ -321,7 +321,7 @@ class Trainer:
 
 
 def compile_blocks(model: SSLMetaArch) -> None:
-    """torch.compile every transformer block of student and teacher, in place.
+    """torch.compile every transformer block of student and teacher, in place, before they are wrapped.
 
     The block's tensor forward is compiled, not the module call, so hooks added later (FSDP2's
     all-gathers) stay outside the graphs; keys and checkpoints are unchanged. Blocks alike share
@@ -329,7 +329,7 @@ def compile_blocks(model: SSLMetaArch) -> None:
     a per-block drop-path rate is a constant of its graph, so the recompile limit is raised to
     keep every block compiled rather than let later ones fall back to eager.
     """
-    blocks = [block for modules in (model.student, model.teacher) for block in unwrap(modules["backbone"]).iter_blocks()]
+    blocks = [block for modules in (model.student, model.teacher) for block in modules["backbone"].iter_blocks()]
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
     for block in blocks:
         block.forward_tensor = torch.compile(block.forward_tensor)
