@@ -22,6 +22,7 @@ from dinov2.layers import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
 from dinov2.models.weights import load_backbone_weights
+from dinov2.utils.errors import UserError
 
 logger = logging.getLogger("dinov2")
 
@@ -62,11 +63,11 @@ class CropLayout:
         return student_crops * self.n_teacher_crops - self.n_teacher_crops
 
 
-def check_masks_on_teacher_rows(images: dict[str, Any]) -> None:
+def check_masks_on_teacher_rows(images: dict[str, Any], source: str = "batch") -> None:
     """iBOT targets are the teacher's tokens of the same crop, so masks must sit on its rows only.
 
     Checked once on a pipeline's first batch (while it is on the CPU) rather than every step,
-    where reading the answer back would stall the GPU.
+    where reading the answer back would stall the GPU. `source` names the batch's maker.
     """
     masks = images["collated_masks"]
     teacher_index = images.get("teacher_global_index")
@@ -75,7 +76,7 @@ def check_masks_on_teacher_rows(images: dict[str, Any]) -> None:
     seen = torch.zeros(masks.shape[0], dtype=torch.bool)
     seen[teacher_index.cpu()] = True
     if bool(masks.cpu()[~seen].any()):
-        raise ValueError("iBOT masks found on a global crop that the teacher does not see")
+        raise UserError(f"{source}: iBOT masks found on a global crop that the teacher does not see")
 
 
 class SSLMetaArch(nn.Module):

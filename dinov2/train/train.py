@@ -272,7 +272,7 @@ class Trainer:
             for iteration in range(start_iter, self.max_iter):
                 batch = next(data_iter)
                 if iteration == start_iter:
-                    check_masks_on_teacher_rows(batch)
+                    check_masks_on_teacher_rows(batch, f"train.pipeline={cfg.train.pipeline}")
                 batch = _to_device(batch, self.device)
                 if pipeline.on_device is not None:
                     batch = pipeline.on_device(batch)
