@@ -45,10 +45,16 @@ def test_parse_dataset_str_malformed_part_quotes_string_and_part(bad, part):
 
 def test_unknown_dataset_lists_known_names():
     with pytest.raises(UserError) as error:
-        make_dataset("ImageNet:split=TRAIN")
+        make_dataset("ImageNet21k:split=TRAIN")
     message = str(error.value)
-    assert message.startswith("unknown dataset 'ImageNet' in 'ImageNet:split=TRAIN'; known: ")
-    assert "ImageFolder" in message and "Synthetic" in message
+    assert message.startswith("unknown dataset 'ImageNet21k' in 'ImageNet21k:split=TRAIN'; known: ")
+    assert "ImageFolder" in message and "ImageNet" in message and "Synthetic" in message
+
+
+def test_upstream_default_imagenet_string_names_the_missing_key():
+    """Upstream's default `ImageNet:split=TRAIN` is a known dataset that still needs root and extra."""
+    with pytest.raises(UserError, match=r"dataset 'ImageNet' in 'ImageNet:split=TRAIN': .*'root'"):
+        make_dataset("ImageNet:split=TRAIN")
 
 
 def test_unknown_dataset_key_is_named_with_dataset():
