@@ -28,9 +28,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dinov2.eval.results import atomic_write, write_results  # noqa: E402
+from dinov2.eval.results import write_results  # noqa: E402
 from dinov2.utils.cli import run_cli  # noqa: E402
 from dinov2.utils.errors import UserError  # noqa: E402
+from dinov2.utils.io import atomic_write  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 

@@ -46,12 +46,13 @@ from machine import cpu_model  # noqa: E402  (bench/machine.py)
 from dinov2.configs import get_default_config  # noqa: E402
 from dinov2.data import make_pipeline  # noqa: E402
 from dinov2.data.registry import load_extensions  # noqa: E402
-from dinov2.eval.results import atomic_write, write_results  # noqa: E402
+from dinov2.eval.results import write_results  # noqa: E402
 from dinov2.train.train import Trainer  # noqa: E402
 from dinov2.utils.cli import run_cli  # noqa: E402
 from dinov2.utils.config import apply_scaling_rules_to_cfg, merge_strict  # noqa: E402
 from dinov2.utils.errors import UserError  # noqa: E402
 from dinov2.utils.flops import CropGroup, StepShape, training_step_flops  # noqa: E402
+from dinov2.utils.io import atomic_write  # noqa: E402
 
 # upstream's training settings at patch 14 (the anchors' configuration), in bf16
 UPSTREAM_SETTINGS = {

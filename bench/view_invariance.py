@@ -34,6 +34,7 @@ from dinov2.eval.results import write_results  # noqa: E402
 from dinov2.train.train import Trainer  # noqa: E402
 from dinov2.utils.cli import run_cli  # noqa: E402
 from dinov2.utils.config import setup  # noqa: E402
+from dinov2.utils.io import atomic_write  # noqa: E402
 from vet_ext import demo  # noqa: E402
 from vet_ext.eval import suite  # noqa: E402
 
@@ -127,7 +128,7 @@ def plot_warmup(rows: list[dict], png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png)
+    atomic_write(png, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from dinov2.utils.errors import UserError
+from dinov2.utils.io import atomic_write_text
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 1 << 30
@@ -60,36 +60,6 @@ def to_cache_image(frame: np.ndarray, cache_size: int) -> np.ndarray:
 
 def shard_path(shards_dir: Path, index: int) -> Path:
     return Path(shards_dir) / f"shard-{index:05d}.bin"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone would make outputs owner-only
-
-
-def atomic_write_bytes(path: Path, data: bytes, mode: int = _FILE_MODE) -> None:
-    """Write via a temporary file in the same directory so readers never see a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str, mode: int = _FILE_MODE) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
 def _write_all(raw_file: Any, data: bytes) -> None:

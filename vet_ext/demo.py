@@ -30,6 +30,7 @@ from dinov2.models.weights import load_backbone_weights  # noqa: E402
 from dinov2.train.train import Trainer  # noqa: E402
 from dinov2.utils.cli import run_cli  # noqa: E402
 from dinov2.utils.config import setup  # noqa: E402
+from dinov2.utils.io import atomic_write, atomic_write_text  # noqa: E402
 from vet_ext.phantoms import generate_studies  # noqa: E402
 from vet_ext.prepare import PrepareConfig, prepare  # noqa: E402
 from vet_ext.viz.__main__ import main as viz_main  # noqa: E402
@@ -126,7 +127,7 @@ def plot_loss(metrics_path: Path, png: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png)
+    atomic_write(png, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return png
 
@@ -178,7 +179,7 @@ def write_report(out: Path, rows: list[dict], loss_png: Path, attention_png: Pat
         "",
     ]
     report = out / "report.md"
-    report.write_text("\n".join(lines))
+    atomic_write_text(report, "\n".join(lines))
     return report
 
 
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     attention_png = attention_figure(out, data, teacher, out / "pretrain" / "config.yaml")
     timings["figures"] = time.perf_counter() - started
     report = write_report(out, rows, loss_png, attention_png, timings, cfg)
-    (out / "results.json").write_text(json.dumps({"knn": rows, "timings": timings}, indent=2))
+    atomic_write_text(out / "results.json", json.dumps({"knn": rows, "timings": timings}, indent=2))
     print(f"\nreport: {report}")
     return 0
 

@@ -6,7 +6,6 @@ is small (predict, Huffman-code the differences), so one lives here; the install
 decoder then checks it on every phantom read-back.
 """
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from pydicom.uid import (
 )
 
 from dinov2.utils.errors import UserError
+from dinov2.utils.io import atomic_write
 
 DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
 NATIVE_SYNTAXES = (ExplicitVRLittleEndian, UID("1.2.840.10008.1.2"))
@@ -54,18 +54,7 @@ def write_dicom(
         transfer_syntax=transfer_syntax,
         **meta,
     )
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            ds.save_as(stream, enforce_file_format=True)
-        os.replace(temp_name, target)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
-    return target
+    return atomic_write(path, lambda stream: ds.save_as(stream, enforce_file_format=True))
 
 
 def make_dx_dataset(

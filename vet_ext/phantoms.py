@@ -13,8 +13,8 @@ anatomy it concerns, which is what the tests compare.
 """
 import argparse
 import csv
+import io
 import os
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
+from dinov2.utils.io import atomic_write_text
 from vet_ext.dicom_write import write_dicom
 from vet_ext.views import VIEW_CODE_ITEMS
 
@@ -782,18 +783,12 @@ def generate_studies(
 
 
 def _write_labels(path: Path, records: list[dict]) -> None:
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".labels.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            writer = csv.writer(stream)
-            writer.writerow(["study_id", *FINDINGS])
-            for record in records:
-                writer.writerow([record["study_id"], *(record["labels"][name] for name in FINDINGS)])
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["study_id", *FINDINGS])
+    for record in records:
+        writer.writerow([record["study_id"], *(record["labels"][name] for name in FINDINGS)])
+    atomic_write_text(path, table.getvalue())
 
 
 def main() -> int:

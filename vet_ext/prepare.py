@@ -40,9 +40,10 @@ from tqdm import tqdm
 
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
+from dinov2.utils.io import atomic_write_bytes, atomic_write_text
 from vet_ext.cache import (
     FORMAT_VERSION, MANIFEST_NAME, SCHEMA_METADATA_KEY, SHARD_BYTES, SHARDS_DIR, SPLITS, ShardWriter,
-    atomic_write_bytes, atomic_write_text, read_records, to_cache_image,
+    read_records, to_cache_image,
 )  # fmt: skip
 from vet_ext.dicom import DicomError, read_dicom
 from vet_ext.views import VIEW_CODES

@@ -54,7 +54,7 @@ from dinov2.eval.metrics import (
     per_class_accuracy,
     target_kind,
 )
-from dinov2.eval.results import append_json_lines, atomic_write, write_results
+from dinov2.eval.results import append_json_lines, write_results
 from dinov2.eval.setup import (
     add_image_arguments,
     get_args_parser as get_setup_args_parser,
@@ -66,6 +66,7 @@ from dinov2.eval.setup import (
 from dinov2.eval.utils import autocast_context, extract_features, label_names, model_device, normalize_targets
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
+from dinov2.utils.io import atomic_write
 
 logger = logging.getLogger("dinov2")
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from dinov2.utils.io import atomic_write_text
+
 
 class MetricsLog:
     def __init__(self, path: str | Path, window: int = 20) -> None:
@@ -25,7 +27,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["iteration"] <= iteration]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))  # a crash here must not lose the log
 
     def update(self, **values: float | torch.Tensor) -> None:
         for name, value in values.items():

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,40 +26,13 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 
 from dinov2 import distributed
 from dinov2.utils.errors import UserError
+from dinov2.utils.io import atomic_write, atomic_write_text
 
 logger = logging.getLogger("dinov2")
 
 
-def _temp_beside(path: Path) -> tuple[int, str]:
-    """A temporary file next to `path` (same file system, so os.replace is atomic), umask-respecting."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    return fd, tmp
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda file: torch.save(obj, file))
 
 
 def load_torch_file(path: str | os.PathLike) -> Any:
@@ -114,7 +86,7 @@ class Checkpointer:
         return path
 
     def _publish(self, path: Path) -> None:
-        atomic_write_text(path.name, self.pointer)
+        atomic_write_text(self.pointer, path.name)
         self._prune()
         logger.info("saved checkpoint %s", path)
 

@@ -7,7 +7,6 @@ against the keys of `ssl_default_config.yaml` and an unknown one is a UserError 
 import math
 import os
 import pathlib
-import tempfile
 from argparse import Namespace
 from typing import Any, Sequence
 
@@ -19,6 +18,7 @@ from dinov2 import distributed
 from dinov2.configs import get_default_config
 from dinov2.extensions import load_extensions
 from dinov2.utils.errors import UserError
+from dinov2.utils.io import atomic_write_text
 from dinov2.utils.utils import fix_random_seeds
 
 
@@ -100,17 +100,7 @@ def apply_scaling_rules_to_cfg(cfg: DictConfig) -> DictConfig:
 
 def write_config(cfg: DictConfig, output_dir: str | os.PathLike, name: str = "config.yaml") -> pathlib.Path:
     """Save the effective configuration atomically, so a crash never leaves half a config.yaml."""
-    path = pathlib.Path(output_dir) / name
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            tmp.write(OmegaConf.to_yaml(cfg))
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
-    return path
+    return atomic_write_text(pathlib.Path(output_dir) / name, OmegaConf.to_yaml(cfg))
 
 
 def default_setup(args: Namespace, cfg: DictConfig | None = None) -> None:

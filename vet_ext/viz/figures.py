@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
-from vet_ext.cache import atomic_write_bytes
+from dinov2.utils.io import atomic_write_bytes
 
 DPI = 100
 TITLE_PX = 18  # band above each row of panels for the panel titles

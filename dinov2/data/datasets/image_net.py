@@ -18,7 +18,6 @@ import argparse
 import csv
 import os
 import pathlib
-import tempfile
 from enum import Enum
 from typing import Any, Callable, Sequence
 
@@ -30,6 +29,7 @@ from dinov2.data.datasets.image_folder import load_image_uint8
 from dinov2.data.registry import register_dataset
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
+from dinov2.utils.io import atomic_write
 
 LABELS_FILE = "labels.txt"
 ENTRY_FIELDS = ("actual_index", "class_index", "class_id", "class_name")
@@ -291,17 +291,7 @@ def _labelled_rows(root: pathlib.Path, split: Split, labels: dict[str, str]) -> 
 
 def save_npy_atomic(array: np.ndarray, path: pathlib.Path) -> None:
     """A crash mid-write leaves the previous file (or none), never a truncated table that loads wrong."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            np.save(file, array)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda file: np.save(file, array))
 
 
 def dump_extra(
