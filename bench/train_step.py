@@ -189,6 +189,8 @@ def matmul_rate(device: torch.device, size: int, repeats: int = 10) -> float:
 
 
 def time_case(args: argparse.Namespace, case: Case, peak_rate: float) -> dict:
+    gc.collect()  # the previous case's model must not count in this one's peak memory
+    torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as output_dir:
         cfg = build_config(args, case, output_dir)
         trainer = Trainer(cfg)
