@@ -92,10 +92,6 @@ def phantom_cache(folder: Path, studies: int, size: int, seed: int) -> Path:
     return make_data(folder, studies, size, seed)
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -108,8 +104,7 @@ def time_pipeline(args: Namespace, studies, name: str, workers: int, device: tor
     loader = iter(make_training_loader(pipeline.dataset_for(studies), pipeline, args.batch_size, workers, args.seed))
 
     def next_batch() -> dict:
-        batch = _to_device(next(loader), device)
-        return pipeline.on_device(batch) if pipeline.on_device is not None else batch
+        return pipeline.to_device(next(loader), device)
 
     for _ in range(args.warmup_batches):
         next_batch()

@@ -195,7 +195,7 @@ def time_case(args: argparse.Namespace, case: Case, peak_rate: float) -> dict:
         cfg = build_config(args, case, output_dir)
         trainer = Trainer(cfg)
         device = trainer.device
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in synthetic_batch(cfg, case).items()}
+        batch = make_pipeline(cfg).to_device(synthetic_batch(cfg, case), device)
         shape = step_shape(batch, case, cfg)
         values = dict(trainer.schedules.at(0), freeze_backbone=False)
         trainer.model.train()

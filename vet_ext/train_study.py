@@ -172,10 +172,6 @@ def make_optimizer(model: nn.Module, extra_heads: list[nn.Module], options: Stud
 # ----------------------------------------------------------------------------- self-distillation
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device, non_blocking=True) if isinstance(value, Tensor) else value for key, value in batch.items()}
-
-
 class SelfDistillation:
     """DINOv2's losses on unlabelled studies, with the study model's backbone as the student.
 
@@ -211,7 +207,7 @@ class SelfDistillation:
         ))
 
     def loss(self, batch: dict[str, Any]) -> Tensor:
-        total, _ = self.meta.compute_losses(_to_device(batch, self.device), self.teacher_temp)
+        total, _ = self.meta.compute_losses(self.pipeline.to_device(batch, self.device), self.teacher_temp)
         return total
 
     def update_teacher(self) -> None:

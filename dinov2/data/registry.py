@@ -42,6 +42,12 @@ class Pipeline:
     def dataset_for(self, dataset: Any) -> Any:
         return self.select(dataset) if self.select is not None else dataset
 
+    def to_device(self, batch: dict, device: torch.device) -> dict:
+        """The batch as training consumes it: its tensors moved (asynchronously from pinned memory),
+        then finished by `on_device` if the pipeline has that stage."""
+        moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return self.on_device(moved) if self.on_device is not None else moved
+
 
 def register_dataset(name: str) -> Callable:
     """Decorator: `factory(transform=..., target_transform=..., **string_kwargs)` serves `name`."""

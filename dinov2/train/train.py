@@ -273,9 +273,7 @@ class Trainer:
                 batch = next(data_iter)
                 if iteration == start_iter:
                     check_masks_on_teacher_rows(batch, f"train.pipeline={cfg.train.pipeline}")
-                batch = _to_device(batch, self.device)
-                if pipeline.on_device is not None:
-                    batch = pipeline.on_device(batch)
+                batch = pipeline.to_device(batch, self.device)
                 data_time = time.perf_counter() - iter_end
                 torch.manual_seed(_iteration_seed(cfg.train.seed, get_global_rank(), iteration))
                 values = dict(self.schedules.at(iteration), freeze_backbone=iteration < cfg.train.head_warmup_iterations)
@@ -400,10 +398,6 @@ def _training_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise UserError(f"train.device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def run(args: argparse.Namespace, stop: StopSignal | None = None) -> dict:
