@@ -23,6 +23,7 @@ PROJECT_KEYS = {
     "train.distributed_strategy": "auto",
     "train.compile": False,
     "optim.fused_adamw": "auto",
+    "compute_precision.precision": None,
     "crops.mean": [0.485, 0.456, 0.406],
     "crops.std": [0.229, 0.224, 0.225],
 }

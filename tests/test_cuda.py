@@ -38,7 +38,7 @@ def test_smoke_run_on_cuda_in_bf16(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dinov2.train.train", "--config-file",
          str(REPO / "dinov2/configs/train/vits14_cpu_smoke.yaml"), "--output-dir", str(out), "train.device=cuda",
-         "compute_precision.student.backbone.mixed_precision.param_dtype=bf16"],
+         "compute_precision.precision=bf16"],
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

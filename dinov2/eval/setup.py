@@ -17,9 +17,10 @@ import torch
 from omegaconf import DictConfig
 
 from dinov2 import distributed
-from dinov2.configs import CONFIGS_DIR
+from dinov2.configs import CONFIGS_DIR, dinov2_default_config
 from dinov2.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 from dinov2.data.transforms import ClassificationEvalTransform
+from dinov2.fsdp import resolve_precision
 from dinov2.models import build_model_from_cfg
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.models.weights import infer_backbone_kwargs, load_backbone_weights, read_weights_file
@@ -29,8 +30,6 @@ from dinov2.utils.utils import fix_random_seeds
 from dinov2.logging import setup_logging
 
 logger = logging.getLogger("dinov2")
-
-AUTOCAST_DTYPES = {"fp16": torch.half, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def get_args_parser(
@@ -118,14 +117,10 @@ def get_eval_config(args: argparse.Namespace) -> DictConfig | None:
 
 
 def get_autocast_dtype(cfg: DictConfig | None) -> torch.dtype:
-    """The teacher's training precision (upstream's rule); float32 on CPU, where autocast is off."""
-    if not torch.cuda.is_available():
-        return torch.float32
-    name = cfg.compute_precision.teacher.backbone.mixed_precision.param_dtype if cfg is not None else "fp16"
-    if name not in AUTOCAST_DTYPES:
-        raise UserError(f"compute_precision.teacher.backbone.mixed_precision.param_dtype '{name}' is not one of "
-                        f"{', '.join(AUTOCAST_DTYPES)}")
-    return AUTOCAST_DTYPES[name]
+    """The precision the teacher trained in, resolved as the trainer resolves it (upstream's
+    defaults without a config), so features are computed as in training."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_precision((cfg if cfg is not None else dinov2_default_config).compute_precision, device).compute
 
 
 def _architecture_from_weights(weights: dict[str, Any], path: str) -> DinoVisionTransformer:

@@ -4,10 +4,10 @@
 - `ddp`: every rank holds the whole model; the student's gradients are averaged by
   DistributedDataParallel (one wrapper per student submodule). Works on CPU (gloo) and CUDA.
 - `fsdp`: FSDP2 `fully_shard` on every transformer block (or block chunk) and on every student and
-  teacher submodule, with upstream's per-submodule mixed precision from `compute_precision`.
+  teacher submodule, each with its policy from the run's `Precision` (see dinov2.fsdp.precision).
   Student and teacher are sharded identically, so the EMA update stays shard-local.
 - `auto`: `fsdp` on CUDA, `ddp` on CPU (FSDP2 runs on CPU too, but only costs there: no memory
-  to save, and float32 only). A single process without a launcher is not wrapped under `auto`;
+  to save). A single process without a launcher is not wrapped under `auto`;
   naming `ddp` or `fsdp` wraps it in a process group of one (the sharded path on one GPU).
 """
 from __future__ import annotations
@@ -17,14 +17,14 @@ import itertools
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from dinov2 import distributed
+from dinov2.fsdp.precision import Precision
 from dinov2.utils.errors import UserError
 
 STRATEGIES = ("auto", "ddp", "fsdp")
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # FSDP1's names, kept in the config for upstream compatibility: resharding after forward is the
 # difference between FULL_SHARD and SHARD_GRAD_OP.
 RESHARD_AFTER_FORWARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}
@@ -58,28 +58,24 @@ def replicate(modules: nn.ModuleDict, device: torch.device) -> None:
         modules[name] = DistributedDataParallel(modules[name], device_ids=device_ids)
 
 
-def shard(modules: nn.ModuleDict, precision_cfg, device: torch.device, forward_only: bool = False) -> None:
-    """FSDP2 on each block and each submodule, in place. On CPU the compute stays float32.
+def shard(modules: nn.ModuleDict, owner: str, sharding_cfg, precision: Precision, forward_only: bool = False) -> None:
+    """FSDP2 on each block and each submodule of `owner` (student or teacher), in place.
 
+    `sharding_cfg` is `compute_precision.<owner>` (upstream keeps the sharding strategies there).
     `forward_only` modules (the teacher) are resharded after every forward whatever the sharding
     strategy: with no backward to come, nothing else would free their gathered parameters, and
     the EMA update must find them in the student's shard layout.
     """
     for name, module in modules.items():
-        policy_cfg = precision_cfg[name]
-        strategy = policy_cfg.sharding_strategy
+        strategy = sharding_cfg[name].sharding_strategy
         if strategy not in RESHARD_AFTER_FORWARD:
             raise UserError(
-                f"compute_precision.*.{name}.sharding_strategy={strategy} is not supported with "
+                f"compute_precision.{owner}.{name}.sharding_strategy={strategy} is not supported with "
                 f"train.distributed_strategy=fsdp (use FULL_SHARD or SHARD_GRAD_OP, or ddp for NO_SHARD)"
             )
-        mixed = policy_cfg.mixed_precision
-        if device.type == "cuda":
-            policy = MixedPrecisionPolicy(param_dtype=_dtype(mixed.param_dtype), reduce_dtype=_dtype(mixed.reduce_dtype))
-            buffer_dtype = _dtype(mixed.buffer_dtype)
-        else:
-            policy, buffer_dtype = MixedPrecisionPolicy(), torch.float32
-        # FSDP2 leaves buffers alone (they are not sharded), so upstream's buffer_dtype is applied here.
+        policy = precision.policy(owner, name)
+        # FSDP2 leaves buffers alone (they are not sharded), so their dtype is applied here.
+        buffer_dtype = precision.buffer_dtype(owner, name)
         for buffer in module.buffers():
             if buffer.is_floating_point():
                 buffer.data = buffer.data.to(buffer_dtype)
@@ -94,19 +90,16 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
-def _dtype(name: str) -> torch.dtype:
-    if name not in PRECISIONS:
-        raise UserError(f"compute_precision dtype must be one of {', '.join(PRECISIONS)}, got {name!r}")
-    return PRECISIONS[name]
+def distribute(model: nn.Module, strategy: str, sharding_cfg, device: torch.device, precision: Precision) -> None:
+    """Spread a model with `student` and `teacher` ModuleDicts over the ranks, in place.
 
-
-def distribute(model: nn.Module, strategy: str, precision_cfg, device: torch.device) -> None:
-    """Spread a model with `student` and `teacher` ModuleDicts over the ranks, in place."""
+    `sharding_cfg` is the `compute_precision` node (its sharding strategies); the dtypes come from
+    `precision` alone."""
     if strategy == "none":
         return
     broadcast_from_main(model)
     if strategy == "ddp":
         replicate(model.student, device)
     else:
-        shard(model.student, precision_cfg.student, device)
-        shard(model.teacher, precision_cfg.teacher, device, forward_only=True)
+        shard(model.student, "student", sharding_cfg.student, precision)
+        shard(model.teacher, "teacher", sharding_cfg.teacher, precision, forward_only=True)
