@@ -4,6 +4,7 @@ Predict, change one thing, measure: every lever below carries its prediction (fr
 in docs/performance.md), runs `bench/train_step.py` in a fresh process (own memory peak, own
 environment) with that one change, and is compared with the baseline measured in the same run.
 Levers that pay (step time down by more than --keep-threshold) are combined into a final row.
+A lever that cannot act here (xformers not installed, or on CPU) is reported as skipped, not timed.
 
     python bench/levers.py --out bench_out/levers                      # ViT-B/14 and ViT-L/14, on the GPU
     python bench/levers.py --arch vit_base --levers fused_adamw compile
@@ -14,6 +15,7 @@ Outputs in --out: results.json, results.md (printed), levers.png.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,6 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
@@ -29,11 +32,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dinov2.eval.results import write_results  # noqa: E402
-from dinov2.utils.cli import run_cli  # noqa: E402
-from dinov2.utils.errors import UserError  # noqa: E402
+from dinov2.utils.cli import ConfigArgumentParser, run_cli  # noqa: E402
 from dinov2.utils.io import atomic_write  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
+
+
+def _xformers_unavailable(device: str) -> str | None:
+    if importlib.util.find_spec("xformers") is None:
+        return "xformers is not installed"
+    if device == "cpu":
+        return "xformers has no CPU kernels"
+    return None
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,9 @@ class Lever:
     prediction: str
     opts: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # Why the lever cannot act on this device (it is then reported, not timed), None when it can:
+    # a lever that changes nothing would time the baseline a second time under its name.
+    unavailable: Callable[[str], str | None] = lambda device: None
 
 
 # The baseline turns every lever off; each lever turns one on.
@@ -51,15 +64,16 @@ LEVERS = {
     for lever in (
         Lever("fused_adamw", "-1 to -3 % (one kernel instead of a dozen per parameter group)", ("optim.fused_adamw=true",)),
         Lever("compile", "-10 to -20 % (element-wise, LayerNorm and copies are a third of the kernel time)", ("train.compile=true",)),
-        Lever("xformers", "slower: its flash kernels trail PyTorch's cuDNN choice 1.3-1.5x on 257 tokens", env={"DINOV2_ATTENTION": "xformers"}),
-        Lever("fp16_scaler", "same speed as bf16, plus the scaler's checks", ("compute_precision.student.backbone.mixed_precision.param_dtype=fp16",)),
+        Lever("xformers", "slower: its flash kernels trail PyTorch's cuDNN choice 1.3-1.5x on 257 tokens",
+              env={"DINOV2_ATTENTION": "xformers"}, unavailable=_xformers_unavailable),
+        Lever("fp16_scaler", "same speed as bf16, plus the scaler's checks", ("compute_precision.precision=fp16",)),
         Lever("fsdp_one_gpu", "+2 to +5 % (FSDP2 hooks and casts, nothing to shard on one GPU)", ("train.distributed_strategy=fsdp",)),
     )
 }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("bench/levers.py", description=__doc__.split("\n")[0])
+    parser = ConfigArgumentParser("bench/levers.py", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench_out/levers")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--arch", nargs="+", default=["vit_base", "vit_large"])
@@ -70,7 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--levers", nargs="+", choices=sorted(LEVERS), default=sorted(LEVERS))
     parser.add_argument("--keep-threshold", type=float, default=0.01, help="relative step-time gain a lever must bring")
-    parser.add_argument("opts", nargs="*", help="config overrides for every run (after --), key=value")
+    parser.add_overrides("config overrides for every run, key=value; after -- when they follow a list flag (--arch, --levers)")
     return parser
 
 
@@ -104,6 +118,11 @@ def lever_rows(args: argparse.Namespace, arch: str, mode: str, progress) -> list
     rows, kept = [], []
     for name in args.levers:
         lever = LEVERS[name]
+        reason = lever.unavailable(args.device)
+        if reason is not None:
+            rows.append(_row(arch, mode, lever.name, lever.prediction, baseline, {"note": f"skipped: {reason}"}, None, "skipped"))
+            progress(f"{arch} {mode} {name}: skipped ({reason})")
+            continue
         after = measure(args, arch, mode, [*BASELINE.opts, *lever.opts], {**BASELINE.env, **lever.env})
         change = effect(baseline, after)
         keep = change is not None and change < -args.keep_threshold
@@ -161,9 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    bad = [opt for opt in args.opts if "=" not in opt]
-    if bad:
-        raise UserError(f"config override '{bad[0]}' is not of the form key=value")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from dinov2.eval.results import write_results  # noqa: E402
 from dinov2.train.train import Trainer  # noqa: E402
-from dinov2.utils.cli import run_cli  # noqa: E402
+from dinov2.utils.cli import ConfigArgumentParser, run_cli  # noqa: E402
 from dinov2.utils.config import setup  # noqa: E402
 from dinov2.utils.io import atomic_write  # noqa: E402
 from vet_ext import demo  # noqa: E402
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("bench/view_invariance.py", description=__doc__.split("\n")[0])
+    parser = ConfigArgumentParser("bench/view_invariance.py", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench_out/view_invariance")
     parser.add_argument("--studies", type=int, default=300)
     parser.add_argument("--image-size", type=int, default=256)
@@ -53,7 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init", default=None, help="backbone weights for the head warm-up comparison")
     parser.add_argument("--warmup-iterations", type=int, default=30)
     parser.add_argument("--probe-every", type=int, default=10)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run, key=value")
+    parser.add_overrides("config overrides for every run, key=value")
     return parser
 
 

@@ -28,8 +28,20 @@ def fake_measure(monkeypatch):
     return calls
 
 
-def test_each_lever_alone_then_the_ones_that_pay_together(fake_measure):
-    args = levers.get_args_parser().parse_args(["--levers", "compile", "fused_adamw", "xformers"])
+@pytest.fixture
+def xformers_installed(monkeypatch):
+    """Whether bench/levers.py finds xformers, whatever this environment has."""
+    real_find_spec = levers.importlib.util.find_spec
+
+    def install(present: bool) -> None:
+        monkeypatch.setattr(levers.importlib.util, "find_spec",
+                            lambda name, *a: (object() if present else None) if name == "xformers" else real_find_spec(name, *a))
+    return install
+
+
+def test_each_lever_alone_then_the_ones_that_pay_together(fake_measure, xformers_installed):
+    xformers_installed(True)
+    args = levers.get_args_parser().parse_args(["--device", "cuda", "--levers", "compile", "fused_adamw", "xformers"])
     rows = levers.lever_rows(args, "vit_base", "multiview", progress=lambda line: None)
     by_lever = {row["lever"]: row for row in rows}
     assert by_lever["compile"]["effect_pct"] == pytest.approx(-20.0)
@@ -43,3 +55,18 @@ def test_each_lever_alone_then_the_ones_that_pay_together(fake_measure):
         changed = [o for o in opts if o not in baseline_opts]
         assert len(changed) <= 1
     assert all(o in fake_measure[1][0] for o in baseline_opts)
+
+
+@pytest.mark.parametrize("device, installed, reason", [("cuda", False, "xformers is not installed"),
+                                                       ("cpu", True, "xformers has no CPU kernels")])
+def test_xformers_lever_that_cannot_act_is_skipped_not_timed(fake_measure, xformers_installed, device, installed, reason):
+    """Without xformers the attention would be PyTorch's in both runs: the baseline timed twice."""
+    xformers_installed(installed)
+    args = levers.get_args_parser().parse_args(["--device", device, "--levers", "xformers", "compile"])
+    rows = levers.lever_rows(args, "vit_base", "multiview", progress=lambda line: None)
+    skipped = next(row for row in rows if row["lever"] == "xformers")
+    assert skipped["decision"] == "skipped" and skipped["note"] == f"skipped: {reason}"
+    assert skipped["after_ms"] is None and skipped["effect_pct"] is None
+    assert all(env.get("DINOV2_ATTENTION") != "xformers" for _, env in fake_measure)
+    assert [row["lever"] for row in rows] == ["xformers", "compile", "final (compile)"]
+

@@ -1,6 +1,7 @@
 """Checkpoints resume on another number of processes: a sharded (FSDP, torch.distributed.checkpoint)
 folder written by 2 processes in 1 process, a single-file one written by 1 process in 2 sharded
 ones; the resumed run ends where the uninterrupted one did."""
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from dinov2.train.checkpointing import Checkpointer
+from dinov2.utils.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_vit_run import metrics, teacher_export, train_processes  # noqa: E402
@@ -104,3 +106,22 @@ def test_sharded_saves_are_atomic_and_pruned(tmp_path):
     checkpointer.save_sharded({"model": {"w": torch.full((3,), 5.0)}}, 5, final=True)  # replaces model_final
     final = checkpointer.load_sharded(checkpointer.last_checkpoint(), {"model": {"w": torch.zeros(3)}, "iteration": -1})
     assert final["iteration"] == 5 and not list(tmp_path.glob(".model_final*"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc/self/maps")
+def test_whole_checkpoint_is_memory_mapped_not_read(tmp_path):
+    """Every rank of an FSDP run resuming from one whole file maps it (pages shared through the
+    page cache) instead of reading a private copy; a damaged file is still one error naming it."""
+    checkpointer = Checkpointer(tmp_path, rank=0)
+    path = checkpointer.save({"model": {"w": torch.arange(4096.0)}, "optimizer": {}}, 7)
+
+    state = checkpointer.load(checkpointer.last_checkpoint())
+    assert state["iteration"] == 7 and torch.equal(state["model"]["w"], torch.arange(4096.0))
+    assert os.path.realpath(path) in Path("/proc/self/maps").read_text()
+    del state
+
+    truncated = tmp_path / "model_0000008.rank_0.pth"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError) as error:
+        checkpointer.load(truncated)
+    assert str(error.value) == f"cannot read checkpoint {truncated}: not a complete zip archive as torch.save writes (truncated, or another format)"

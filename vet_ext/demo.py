@@ -28,7 +28,7 @@ from dinov2.eval.utils import extract_features, label_names  # noqa: E402
 from dinov2.models import build_model_from_cfg  # noqa: E402
 from dinov2.models.weights import load_backbone_weights  # noqa: E402
 from dinov2.train.train import Trainer  # noqa: E402
-from dinov2.utils.cli import run_cli  # noqa: E402
+from dinov2.utils.cli import ConfigArgumentParser, run_cli  # noqa: E402
 from dinov2.utils.config import setup  # noqa: E402
 from dinov2.utils.io import atomic_write, atomic_write_text  # noqa: E402
 from vet_ext.phantoms import generate_studies  # noqa: E402
@@ -40,14 +40,14 @@ KNN_K = 20
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("python -m vet_ext.demo", description=__doc__.split("\n")[0])
+    parser = ConfigArgumentParser("python -m vet_ext.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     parser.add_argument("--studies", type=int, default=300, help="phantom studies to generate")
     parser.add_argument("--image-size", type=int, default=256, help="phantom and cache image size (long side)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--config-file", default=None, help="training config (default: demo_cpu.yaml or demo_gpu.yaml)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="training config overrides, key=value")
+    parser.add_overrides("training config overrides, key=value")
     return parser
 
 

@@ -15,8 +15,12 @@ import torch.distributed as dist
 
 logger = logging.getLogger("dinov2")
 
-# SLURM gives no rendezvous port; every task of a job derives the same one from the job id.
-_SLURM_PORT_BASE, _SLURM_PORT_RANGE = 20_000, 40_000
+# SLURM gives no rendezvous port, so every task of a job derives the same one from the job id.
+# They lie below Linux's ephemeral range (net.ipv4.ip_local_port_range, 32768-60999 by default),
+# where the kernel picks the local ports of outgoing connections: a port drawn there may already
+# be held by one on the first node, and the rendezvous would then fail to bind. The range is a
+# constant, not read from /proc, because every node must arrive at the same port.
+SLURM_MASTER_PORTS = range(20_000, 32_768)
 
 
 def is_enabled() -> bool:
@@ -66,6 +70,12 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+def slurm_master_port(job_id: int) -> int:
+    """The rendezvous port of SLURM job `job_id`; consecutive jobs (which may share a node) get
+    different ones."""
+    return SLURM_MASTER_PORTS[job_id % len(SLURM_MASTER_PORTS)]
+
+
 def launch_environment(environ: dict | None = None) -> LaunchEnvironment | None:
     """The torchrun (RANK, WORLD_SIZE, ...) or SLURM (SLURM_PROCID, SLURM_NTASKS, ...) description of
     this process; None when no launcher started several processes (a plain single-process run)."""
@@ -84,7 +94,7 @@ def launch_environment(environ: dict | None = None) -> LaunchEnvironment | None:
             world_size=int(env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             master_addr=first_slurm_host(env["SLURM_JOB_NODELIST"]),
-            master_port=_SLURM_PORT_BASE + int(env["SLURM_JOB_ID"]) % _SLURM_PORT_RANGE,
+            master_port=slurm_master_port(int(env["SLURM_JOB_ID"])),
         )
     return None
 

@@ -16,13 +16,14 @@ from typing import Any, Sequence
 
 import submitit
 
+from dinov2.utils.cli import ConfigArgumentParser
 from dinov2.utils.errors import UserError
 
 logger = logging.getLogger("dinov2")
 
 
 def get_args_parser(parents: Sequence[argparse.ArgumentParser] | None = None, add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Submit to SLURM", parents=list(parents or []), add_help=add_help)
+    parser = ConfigArgumentParser("Submit to SLURM", parents=list(parents or []), add_help=add_help)
     slurm = parser.add_argument_group("SLURM")
     slurm.add_argument("--ngpus", "--gpus", "--gpus-per-node", default=8, type=int, help="GPUs per node; 0 runs on CPUs")
     slurm.add_argument("--nodes", "--nnodes", default=1, type=int, help="number of nodes")

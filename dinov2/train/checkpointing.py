@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,24 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def load_torch_file(path: str | os.PathLike) -> Any:
-    """Tensors and plain containers only: a pickled file from elsewhere cannot run code here."""
+    """Tensors and plain containers only: a pickled file from elsewhere cannot run code here.
+
+    The file is memory-mapped rather than read into memory: when every rank of a sharded (FSDP)
+    run resumes from one whole checkpoint, the ranks of a node share its pages through the page
+    cache instead of each holding a private copy of all of it, and a tensor's bytes are read only
+    when it is copied into the model or optimizer. Every file `torch.save` writes (a zip archive
+    since torch 1.6) can be mapped.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint file not found: {path}") from None
     except Exception as exc:  # a truncated, foreign or code-carrying pickle
-        raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        if not zipfile.is_zipfile(path):  # torch's own words for it are a bare seek or miniz error
+            reason = "not a complete zip archive as torch.save writes (truncated, or another format)"
+        else:
+            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        raise UserError(f"cannot read checkpoint {path}: {reason}") from None
 
 
 class Checkpointer:
