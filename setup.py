@@ -13,7 +13,7 @@ setup(
     package_data={"dinov2": ["configs/*.yaml", "configs/*/*.yaml"]},
     include_package_data=True,
     install_requires=[
-        "torch>=2.2",
+        "torch>=2.8",  # why: MIN_TORCH in dinov2/__init__.py (tests/test_requirements.py keeps the two equal)
         "numpy",
         "fvcore",
         "omegaconf",

@@ -1,17 +1,19 @@
 """ViT backbone and layers against upstream DINOv2's numbers (fixtures/dinov2_reference)."""
 import json
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import SHORT_SUM_EPS, assert_close_scaled
 from dinov2.layers import attention as attention_module
 from dinov2.layers import Block, DropPath, LayerScale, add_residual_on_random_subset
 from dinov2.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer
 from dinov2.models.weights import load_backbone_weights
 from dinov2.utils.errors import UserError
 
-BACKBONE_TOL = dict(atol=2e-5, rtol=1e-4)
+BACKBONE_RTOL = 1e-4
 VIT_FIXTURES = ["vit_mlp.pt", "vit_swiglu_reg4.pt"]
 
 
@@ -27,7 +29,7 @@ def reference(request):
 
 def _assert_features_close(actual: dict, expected: dict) -> None:
     for key, value in expected.items():
-        torch.testing.assert_close(actual[key], value, **BACKBONE_TOL, msg=key)
+        assert_close_scaled(actual[key], value, rtol=BACKBONE_RTOL, msg=key)
 
 
 def test_state_dict_keys_in_upstream_order(reference):
@@ -52,7 +54,7 @@ def test_interpolated_pos_embed_matches_upstream(reference, name):
     tokens = torch.zeros(1, 1 + grid, model.embed_dim)
     with torch.no_grad():
         pos = model.interpolate_pos_encoding(tokens, x.shape[2], x.shape[3])
-    torch.testing.assert_close(pos, ref["interpolated_pos_embed"][name], atol=1e-6, rtol=0)
+    assert_close_scaled(pos, ref["interpolated_pos_embed"][name], eps=SHORT_SUM_EPS)
 
 
 def test_offset_interpolation_samples_with_scale_factor_not_size():
@@ -70,7 +72,7 @@ def test_offset_interpolation_samples_with_scale_factor_not_size():
 def test_eval_forward_is_cls_token(reference):
     model, ref = reference
     with torch.no_grad():
-        torch.testing.assert_close(model(ref["inputs"]["x224"]), ref["forward_eval"], **BACKBONE_TOL)
+        assert_close_scaled(model(ref["inputs"]["x224"]), ref["forward_eval"], rtol=BACKBONE_RTOL)
 
 
 def test_intermediate_layers_reshaped(reference):
@@ -80,7 +82,7 @@ def test_intermediate_layers_reshaped(reference):
     expected = ref["get_intermediate_layers"]["output"]
     assert len(out) == len(expected) == 2
     for actual, wanted in zip(out, expected):
-        torch.testing.assert_close(actual, wanted, **BACKBONE_TOL)
+        assert_close_scaled(actual, wanted, rtol=BACKBONE_RTOL)
 
 
 def test_intermediate_layers_by_index_with_class_token(reference):
@@ -92,8 +94,8 @@ def test_intermediate_layers_by_index_with_class_token(reference):
     expected = ref["get_intermediate_layers_idx"]["output"]
     assert len(out) == len(expected)
     for (patches, cls), (want_patches, want_cls) in zip(out, expected):
-        torch.testing.assert_close(patches, want_patches, **BACKBONE_TOL)
-        torch.testing.assert_close(cls, want_cls, **BACKBONE_TOL)
+        assert_close_scaled(patches, want_patches, rtol=BACKBONE_RTOL)
+        assert_close_scaled(cls, want_cls, rtol=BACKBONE_RTOL)
 
 
 def test_masked_forward_matches_upstream(reference):
@@ -333,16 +335,48 @@ def test_xformers_not_implemented_falls_back_once(fake_xformers):
     assert ops.calls == 1
 
 
+def test_xformers_asked_for_but_not_importable_is_an_error(monkeypatch):
+    """An explicit request that cannot be met says so; a silent PyTorch fallback would be timed as xformers."""
+    monkeypatch.setitem(sys.modules, "xformers", None)  # `import xformers` now fails as when not installed
+    monkeypatch.setattr(attention_module, "XFORMERS_DEVICE_TYPES", ("cpu",))
+    monkeypatch.delenv("XFORMERS_DISABLED", raising=False)
+    monkeypatch.setenv("DINOV2_ATTENTION", "xformers")
+    attention_module._xformers_ops.cache_clear()  # a failed import is not cached: nothing to clear after
+    with pytest.raises(UserError, match="DINOV2_ATTENTION=xformers but xformers cannot be imported") as error:
+        attention_module.scaled_dot_product(*_qkv())
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_attention_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv("DINOV2_ATTENTION", "xformer")
+    with pytest.raises(UserError, match="DINOV2_ATTENTION='xformer' is not an attention backend; known: sdpa, xformers"):
+        attention_module.scaled_dot_product(*_qkv())
+
+
+def test_xformers_asked_for_on_cpu_warns_once_and_uses_pytorch(monkeypatch):
+    monkeypatch.setenv("DINOV2_ATTENTION", "xformers")
+    monkeypatch.delenv("XFORMERS_DISABLED", raising=False)
+    warnings = []
+    # the logger's own calls, whatever handlers earlier tests' runs attached to it
+    monkeypatch.setattr(attention_module.logger, "warning", lambda message, *args: warnings.append(message % args))
+    attention_module._warn_no_xformers_kernel.cache_clear()
+    q, k, v = _qkv()
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    for _ in range(2):
+        torch.testing.assert_close(attention_module.scaled_dot_product(q, k, v), expected.transpose(1, 2))
+    assert warnings == ["DINOV2_ATTENTION=xformers: xformers has no kernel for cpu tensors; using PyTorch attention there"]
+
+
 @pytest.mark.cuda
-def test_cuda_forward_matches_upstream(reference, monkeypatch):
+@pytest.mark.usefixtures("no_tf32")
+def test_cuda_forward_matches_upstream(reference):
     model, ref = reference
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = model.cuda()
     with torch.no_grad():
         out = model.forward_features(ref["inputs"]["x98"].cuda())
     model.cpu()
     for key, value in ref["forward_features"]["x98"].items():
-        torch.testing.assert_close(out[key].cpu(), value, atol=1e-4, rtol=1e-3, msg=key)
+        assert_close_scaled(out[key].cpu(), value, rtol=1e-3, msg=key)
 
 
 # --- build_model -------------------------------------------------------------------------------
