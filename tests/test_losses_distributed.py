@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import SHORT_SUM_EPS, assert_close_scaled
 from dinov2.loss import DINOLoss, iBOTPatchLoss
 
 WORLD_SIZE = 2
@@ -46,9 +47,11 @@ def _worker(rank: int, port: int, result_path: str) -> None:
         ibot = iBOTPatchLoss(N_PROTOTYPES)
         n_masked = torch.tensor([len(tokens)])
         ibot_sinkhorn = ibot.sinkhorn_knopp_teacher(tokens, TEACHER_TEMP, n_masked)
+        ibot.update_center(tokens)
+        ibot.apply_center_update()
 
         gathered = [None] * WORLD_SIZE
-        dist.all_gather_object(gathered, (dino_sinkhorn, ibot_sinkhorn, dino.center, n_masked))
+        dist.all_gather_object(gathered, (dino_sinkhorn, ibot_sinkhorn, dino.center, n_masked, ibot.center))
         if rank == 0:
             torch.save(gathered, result_path)
     finally:
@@ -68,15 +71,15 @@ def test_dino_center_over_two_ranks_equals_single_process(two_rank_results):
     single.update_center(cls_logits)
     single.apply_center_update()
     torch.testing.assert_close(single.center, 0.1 * cls_logits.mean(dim=0, keepdim=True))
-    for _, _, rank_center, _ in two_rank_results:
-        torch.testing.assert_close(rank_center, single.center, rtol=1e-5, atol=1e-7)
+    for _, _, rank_center, _, _ in two_rank_results:
+        assert_close_scaled(rank_center, single.center, rtol=1e-5, eps=SHORT_SUM_EPS)
 
 
 def test_dino_sinkhorn_over_two_ranks_equals_single_process(two_rank_results):
     cls_logits, _ = make_inputs()
     single = DINOLoss(N_PROTOTYPES).sinkhorn_knopp_teacher(cls_logits, TEACHER_TEMP)
-    split = torch.cat([dino for dino, _, _, _ in two_rank_results])
-    torch.testing.assert_close(split, single, rtol=1e-5, atol=1e-6)
+    split = torch.cat([dino for dino, _, _, _, _ in two_rank_results])
+    assert_close_scaled(split, single, rtol=1e-5, eps=SHORT_SUM_EPS)
     # not trivially per-rank: each half alone gives different targets
     alone = DINOLoss(N_PROTOTYPES).sinkhorn_knopp_teacher(cls_logits.chunk(2)[0], TEACHER_TEMP)
     assert not torch.allclose(alone, single[: len(alone)], rtol=1e-3)
@@ -85,7 +88,21 @@ def test_dino_sinkhorn_over_two_ranks_equals_single_process(two_rank_results):
 def test_ibot_sinkhorn_over_two_ranks_equals_single_process(two_rank_results):
     _, patch_logits = make_inputs()
     single = iBOTPatchLoss(N_PROTOTYPES).sinkhorn_knopp_teacher(patch_logits, TEACHER_TEMP, torch.tensor([len(patch_logits)]))
-    split = torch.cat([ibot for _, ibot, _, _ in two_rank_results])
-    torch.testing.assert_close(split, single, rtol=1e-5, atol=1e-6)
+    split = torch.cat([ibot for _, ibot, _, _, _ in two_rank_results])
+    assert_close_scaled(split, single, rtol=1e-5, eps=SHORT_SUM_EPS)
     # each rank's own count tensor was left as it was
-    assert [int(n) for _, _, _, n in two_rank_results] == list(MASKED_TOKENS_PER_RANK)
+    assert [int(n) for _, _, _, n, _ in two_rank_results] == list(MASKED_TOKENS_PER_RANK)
+
+
+def test_ibot_center_over_two_ranks_is_the_mean_of_every_masked_token(two_rank_results):
+    _, patch_logits = make_inputs()
+    single = iBOTPatchLoss(N_PROTOTYPES)
+    single.update_center(patch_logits)
+    single.apply_center_update()
+    torch.testing.assert_close(single.center.flatten(), 0.1 * patch_logits.mean(dim=0))
+    for *_, rank_center in two_rank_results:
+        assert_close_scaled(rank_center, single.center, rtol=1e-5, eps=SHORT_SUM_EPS)
+    # the ranks mask 7 and 15 tokens: averaging their two means (upstream's rule) would differ
+    halves = patch_logits.split(MASKED_TOKENS_PER_RANK)
+    mean_of_means = 0.1 * torch.stack([h.mean(dim=0) for h in halves]).mean(dim=0)
+    assert not torch.allclose(single.center.flatten(), mean_of_means, rtol=1e-3)

@@ -9,8 +9,6 @@ import pytest
 from dinov2.data import make_dataset, make_pipeline
 from dinov2.train import train as train_module
 from dinov2.utils.config import get_cfg_from_args, setup
-from vet_ext.phantoms import generate_studies
-from vet_ext.prepare import PrepareConfig, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "vetdino"
@@ -19,16 +17,6 @@ SMALL = ["student.arch=vit_test_tiny", "train.batch_size_per_gpu=4", "train.num_
          "crops.global_crops_size=56", "crops.local_crops_size=28", "crops.local_crops_number=2",
          "train.log_period_iterations=1", "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
          "dino.head_n_prototypes=256", "ibot.head_n_prototypes=256"]
-
-
-@pytest.fixture(scope="session")
-def phantom_data(tmp_path_factory) -> Path:
-    """12 phantom studies (1 to 4 views each) at 128 px, prepared once for the session, all in train."""
-    root = tmp_path_factory.mktemp("phantoms")
-    generate_studies(root / "RAW", n_studies=12, seed=1, size=128, workers=1)  # seed 1: two 1-view studies
-    prepare(PrepareConfig(out=root / "DATA", dicom_root=root / "RAW", workers=1, cache_size=128,
-                          val_fraction=0.0, test_fraction=0.0, progress=False))
-    return root / "DATA"
 
 
 # a 2-block, 64-wide ViT (with the configs' 4 registers) instead of ViT-S/B/L

@@ -84,8 +84,12 @@ class _KillAfterFirstSave(Exception):
     pass
 
 
-def test_resume_is_exact(tmp_path, monkeypatch):
-    _run(tmp_path / "whole", *TINY)
+@pytest.mark.parametrize("warmup", [(), ("train.head_warmup_iterations=4",)], ids=["plain", "checkpoint_in_head_warmup"])
+def test_resume_is_exact(tmp_path, monkeypatch, warmup):
+    """Killed after iteration 2's checkpoint and resumed. Inside a head warm-up the backbone has
+    had no gradient yet when the checkpoint is written, and must still resume exactly."""
+    run = [*TINY, *warmup]
+    _run(tmp_path / "whole", *run)
 
     original_save = Checkpointer.save
 
@@ -95,9 +99,9 @@ def test_resume_is_exact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Checkpointer, "save", save_then_die)
     with pytest.raises(_KillAfterFirstSave):
-        _run(tmp_path / "split", *TINY)
+        _run(tmp_path / "split", *run)
     monkeypatch.setattr(Checkpointer, "save", original_save)
-    summary = _run(tmp_path / "split", *TINY)
+    summary = _run(tmp_path / "split", *run)
     assert summary["iterations"] == 3  # resumed after iteration 2's checkpoint, not from scratch
 
     whole, split = _final_state(tmp_path / "whole"), _final_state(tmp_path / "split")

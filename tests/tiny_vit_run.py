@@ -39,23 +39,34 @@ SMOKE = REPO / "dinov2" / "configs" / "train" / "vits14_cpu_smoke.yaml"
 SHORT_RUN = [*TINY_RUN, "train.OFFICIAL_EPOCH_LENGTH=5", "optim.epochs=2", "evaluation.eval_period_iterations=5"]
 
 
-def train_processes(output_dir: Path, n_processes: int, *opts: str) -> subprocess.CompletedProcess:
-    """SHORT_RUN in `n_processes` fresh processes (torchrun for more than one), global batch fixed."""
-    args = ["tests/tiny_vit_run.py", "--config-file", str(SMOKE), "--output-dir", str(output_dir), *SHORT_RUN,
-            f"train.batch_size_per_gpu={GLOBAL_BATCH // n_processes}", *opts]
-    launcher = [sys.executable] if n_processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n_processes)]
+def launch(script_args: list[str], n_processes: int, timeout: float = 180, **torchrun: str) -> subprocess.CompletedProcess:
+    """`python SCRIPT_ARGS...` in `n_processes` fresh processes on this machine: torchrun for more
+    than one (`--standalone` unless other torchrun flags are given, e.g. nnodes and a rendezvous).
+
+    The processes run in their own session, so that a hung run is killed with all its workers;
+    a failure shows the end of their stderr.
+    """
+    if n_processes == 1 and not torchrun:
+        launcher = [sys.executable]
+    else:
+        flags = [f"--{key.replace('_', '-')}={value}" for key, value in torchrun.items()] or ["--standalone"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", *flags, "--nproc-per-node", str(n_processes)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    # its own session, so that a hung run is killed with all its workers
-    with subprocess.Popen([*launcher, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    with subprocess.Popen([*launcher, *script_args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, start_new_session=True) as proc:
         try:
-            stdout, stderr = proc.communicate(timeout=180)
+            stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
     assert proc.returncode == 0, stderr[-4000:]
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def train_processes(output_dir: Path, n_processes: int, *opts: str) -> subprocess.CompletedProcess:
+    """SHORT_RUN in `n_processes` fresh processes (torchrun for more than one), global batch fixed."""
+    return launch(["tests/tiny_vit_run.py", "--config-file", str(SMOKE), "--output-dir", str(output_dir), *SHORT_RUN,
+                   f"train.batch_size_per_gpu={GLOBAL_BATCH // n_processes}", *opts], n_processes)
 
 
 def metrics(output_dir: Path) -> list[dict]:

@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 
@@ -58,3 +59,16 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole value of a possibly sharded or partial tensor (e.g. a gradient norm under FSDP2)."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def reshard(module: nn.Module) -> None:
+    """Return every FSDP2 unit inside `module` to its sharded layout.
+
+    A unit that kept its parameters gathered after forward (SHARD_GRAD_OP) is resharded by its
+    backward; a forward run without gradients (the frozen backbone of a head warm-up) has no
+    backward, so its whole parameters would stay in place and the EMA would meet them against
+    the teacher's shards. A no-op for units already sharded and for modules not under FSDP2.
+    """
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()

@@ -81,29 +81,29 @@ class CenteredTeacherLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(center_shape))
-        self._pending_sum: torch.Tensor | None = None
-        self._pending_rows = 0
+        self._pending: torch.Tensor | None = None  # [sum of the batch's rows..., row count]
         self._reduce_handle = None
 
     @torch.no_grad()
     def _start_center_update(self, batch_sum: torch.Tensor, n_rows: int) -> None:
-        """Remember this rank's statistics and start summing them over ranks in the background."""
-        self._pending_sum = batch_sum.float()
-        self._pending_rows = n_rows
-        self._reduce_handle = (
-            dist.all_reduce(self._pending_sum, async_op=True) if distributed.is_enabled() else None
-        )
+        """Remember this rank's row sum and row count and start summing both over ranks in the
+        background (one collective). Ranks may hold different numbers of rows (masked patches):
+        the centre is the mean over every row of the global batch, so it does not depend on how
+        the batch is split."""
+        count = batch_sum.new_full((1,), n_rows, dtype=torch.float32)
+        self._pending = torch.cat([batch_sum.float().flatten(), count])
+        self._reduce_handle = dist.all_reduce(self._pending, async_op=True) if distributed.is_enabled() else None
 
     @torch.no_grad()
     def apply_center_update(self) -> None:
         """Fold the pending batch statistics into the centre (no-op when nothing is pending)."""
-        if self._pending_sum is None:
+        if self._pending is None:
             return
         if self._reduce_handle is not None:
             self._reduce_handle.wait()
-        batch_center = self._pending_sum / (self._pending_rows * distributed.get_global_size())
+        batch_center = (self._pending[:-1] / self._pending[-1]).view_as(self.center)
         self.center.copy_(self.center * self.center_momentum + batch_center * (1 - self.center_momentum))
-        self._pending_sum = None
+        self._pending = None
         self._reduce_handle = None
 
     @torch.no_grad()

@@ -16,11 +16,13 @@ class iBOTPatchLoss(CenteredTeacherLoss):
     def update_center(self, teacher_patch_tokens: torch.Tensor) -> None:
         """Start the centre update from masked teacher tokens [G, n, K] (or [n, K], one group).
 
-        The batch statistic is the mean over tokens of each group, averaged over groups and ranks,
-        as upstream (the meta-architecture passes a single group of all masked tokens).
+        The batch statistic is the mean over every masked token of the global batch. Upstream
+        averages per-rank means instead, which is the same in one process but weighs a rank's
+        tokens by how few of them it masked; the exact mean keeps a run independent of its
+        number of processes.
         """
-        groups = teacher_patch_tokens if teacher_patch_tokens.dim() == 3 else teacher_patch_tokens.unsqueeze(0)
-        self._start_center_update(groups.mean(dim=1).sum(dim=0, keepdim=True), len(groups))
+        tokens = teacher_patch_tokens.flatten(0, -2)
+        self._start_center_update(tokens.sum(dim=0), len(tokens))
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(

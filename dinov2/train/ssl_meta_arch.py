@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dinov2.fsdp import full_module_state, local_tensor
+from dinov2.fsdp import full_module_state, local_tensor, reshard
 from dinov2.layers import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
@@ -158,7 +158,7 @@ class SSLMetaArch(nn.Module):
                 patch_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
                     patch_logits,
                     teacher_temp=teacher_temp,
-                    n_masked_patches_tensor=torch.tensor([n_masked], device=patch_logits.device),
+                    n_masked_patches_tensor=patch_logits.new_full((1,), n_masked, dtype=torch.int64),  # a fill, not a host copy
                 )
         else:
             raise ValueError(f"train.centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
@@ -267,8 +267,10 @@ class SSLMetaArch(nn.Module):
         """Teacher <- momentum * teacher + (1 - momentum) * student, parameters only.
 
         Under FSDP the teacher is sharded exactly like the student, so each rank updates its own
-        shards and no communication is needed.
+        shards and no communication is needed, once both are in their sharded layout.
         """
+        reshard(self.student)
+        reshard(self.teacher)
         teacher_params, student_params = [], []
         for name, student_module in self.student.items():
             for s, t in zip(student_module.parameters(), self.teacher[name].parameters()):

@@ -5,8 +5,10 @@ Upstream's flags, outputs and checkpoint layout, with three things made reliable
   augmentation is seeded by its index and pass), per-iteration randomness (stochastic depth) is
   seeded from (seed, rank, iteration), and pending centre updates are applied before saving;
 - a non-finite loss or gradient skips that step and is counted; too many in a row stop the run
-  with the last good checkpoint intact;
-- it runs on CPU in float32 as well as on CUDA with bf16/fp16 autocast.
+  with the last good checkpoint intact (with fp16's gradient scaler, overflowing gradients are
+  the scaler's to skip and do not count);
+- one precision setting (`compute_precision.precision`, see dinov2.fsdp.precision) drives
+  autocast, every FSDP2 policy and the scaler; CPU runs are float32 unless it asks otherwise.
 
 Under torchrun or srun it joins the process group and spreads the model with DDP or FSDP2
 (`train.distributed_strategy`, see dinov2.fsdp). The data, the logged losses and the checkpoints
@@ -17,12 +19,12 @@ save a checkpoint at the end of the current iteration and stop, to be resumed la
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import signal
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -36,6 +38,7 @@ from dinov2.fsdp import (
     get_training_state,
     load_full_module_state,
     module_shapes,
+    resolve_precision,
     resolve_strategy,
     set_training_state,
     unwrap,
@@ -45,29 +48,34 @@ from dinov2.logging.metrics import MetricsLog
 from dinov2.train.checkpointing import Checkpointer, export_teacher, load_torch_file
 from dinov2.train.schedules import build_schedules
 from dinov2.train.ssl_meta_arch import SSLMetaArch, check_masks_on_teacher_rows
-from dinov2.utils.cli import run_cli
+from dinov2.utils.cli import ConfigArgumentParser, run_cli
 from dinov2.utils.config import setup
 from dinov2.utils.errors import UserError
 from dinov2.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
 
 logger = logging.getLogger("dinov2")
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("DINOv2 training", add_help=add_help)
+    parser = ConfigArgumentParser("DINOv2 training", add_help=add_help)
     parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
     parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming from the last checkpoint")
     parser.add_argument("--eval-only", action="store_true", help="export the teacher of the last checkpoint and stop")
     parser.add_argument("--eval", type=str, default="", help="unused (kept for upstream compatibility)")
     parser.add_argument("--output-dir", "--output_dir", default="", type=str, help="output directory")
-    parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="config overrides as key=value")
+    parser.add_overrides()
     return parser
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class StepResult(NamedTuple):
+    stepped: bool  # False: skipped as non-finite
+    loss: torch.Tensor  # the optimised total, still on the device
+    loss_dict: dict[str, torch.Tensor]
+    stop: bool  # some rank was asked to stop after this step
 
 
 class StopSignal:
@@ -112,12 +120,12 @@ class Trainer:
         if cfg.train.distributed_strategy in ("ddp", "fsdp"):
             distributed.enable(single_process=True)  # a named strategy wraps even a single process
         self.strategy = resolve_strategy(cfg.train.distributed_strategy, self.device)
-        distribute(self.model, self.strategy, cfg.compute_precision, self.device)
+        self.precision = resolve_precision(cfg.compute_precision, self.device)
+        logger.info("precision: %s", self.precision)
+        distribute(self.model, self.strategy, cfg.compute_precision, self.device, self.precision)
         self.optimizer = self._build_optimizer()
         self.schedules = build_schedules(cfg)
-        self.autocast_dtype = PRECISIONS[cfg.compute_precision.student.backbone.mixed_precision.param_dtype]
-        use_scaler = self.device.type == "cuda" and cfg.compute_precision.grad_scaler and self.autocast_dtype == torch.float16
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.scaler = self.precision.make_scaler()
         self.checkpointer = Checkpointer(self.output_dir, get_global_rank(), cfg.train.max_to_keep)
         self.max_iter = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
         period = cfg.train.checkpoint_period_iterations or 3 * cfg.train.OFFICIAL_EPOCH_LENGTH
@@ -133,18 +141,15 @@ class Trainer:
             )
         merged = list(fuse_params_groups(groups))
         betas = (self.cfg.optim.adamw_beta1, self.cfg.optim.adamw_beta2)
-        return torch.optim.AdamW(merged, betas=betas, fused=_use_fused_adamw(self.cfg.optim.fused_adamw, self.device))
+        optimizer = torch.optim.AdamW(merged, betas=betas, fused=_use_fused_adamw(self.cfg.optim.fused_adamw, self.device))
+        _create_fresh_state(optimizer)
+        return optimizer
 
     def _apply_schedules(self, values: dict[str, float]) -> None:
         for group in self.optimizer.param_groups:
             group["weight_decay"] = values["wd"] * group["wd_multiplier"]
             base = values["last_layer_lr"] if group["is_last_layer"] else values["lr"]
             group["lr"] = base * group["lr_multiplier"]
-
-    def _autocast(self):
-        if self.device.type != "cuda" or self.autocast_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.autocast_dtype)
 
     # ------------------------------------------------------------------------------ checkpoints
     @property
@@ -214,11 +219,20 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------------------ training
-    def train_step(self, batch: dict, values: dict[str, float]) -> tuple[bool, torch.Tensor, dict]:
-        """One iteration; returns (stepped, optimised loss, logged terms)."""
+    def train_step(self, batch: dict, values: dict[str, float], stop_requested: Callable[[], bool] = lambda: False) -> StepResult:
+        """One iteration: forward, backward, clipping, and the update unless the step is non-finite.
+
+        The ranks agree on two things with one all-reduce, which is the step's one host sync:
+        whether every rank's step is finite (or their models would part ways) and whether some
+        rank was asked to stop (`stop_requested()`, e.g. only rank 0 got SLURM's signal yet).
+
+        With a gradient scaler, inf/nan gradients are the scaler's business: early in a run it
+        overflows by design, skips those updates inside `scaler.step` and lowers its scale, so only
+        a non-finite loss counts. Without one, a non-finite clipped gradient norm counts too.
+        """
         self._apply_schedules(values)
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
+        with self.precision.autocast():
             total, loss_dict = self.model.compute_losses(
                 batch, teacher_temp=values["teacher_temp"], freeze_backbone=values["freeze_backbone"]
             )
@@ -229,22 +243,23 @@ class Trainer:
         if self.cfg.optim.clip_grad:
             for module in self.model.student.values():
                 norm = torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.optim.clip_grad)
-                finite &= torch.isfinite(full_tensor(norm))
-        # every rank must take the same decision, or their models part ways
-        if not _on_every_rank(finite):  # the step's one host sync
+                if self.scaler is None:
+                    finite &= torch.isfinite(full_tensor(norm))
+        finite, stop = _agree_across_ranks(finite, stop_requested())
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.update()
-            return False, total, loss_dict
+            return StepResult(False, total, loss_dict, stop)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.model.update_teacher(values["mom"])
-        return True, total, loss_dict
+        return StepResult(True, total, loss_dict, stop)
 
-    def train(self, start_iter: int, stop_requested=lambda: False) -> dict:
+    def train(self, start_iter: int, stop_requested: Callable[[], bool] = lambda: False) -> dict:
         """Train from `start_iter` to the end, or until `stop_requested()` turns true on some rank:
         then a checkpoint is saved after that iteration and the summary says `stopped_at`."""
         cfg = self.cfg
@@ -277,7 +292,9 @@ class Trainer:
                 data_time = time.perf_counter() - iter_end
                 torch.manual_seed(_iteration_seed(cfg.train.seed, get_global_rank(), iteration))
                 values = dict(self.schedules.at(iteration), freeze_backbone=iteration < cfg.train.head_warmup_iterations)
-                stepped, total, loss_dict = self.train_step(batch, values)
+                is_last = iteration == self.max_iter - 1
+                stepped, total, loss_dict, stop = self.train_step(batch, values, stop_requested)
+                stop = stop and not is_last
                 if stepped:
                     nonfinite_in_row = 0
                     loss_dict = _mean_over_ranks(loss_dict)
@@ -300,13 +317,11 @@ class Trainer:
                     last_layer_lr=values["last_layer_lr"],
                     current_batch_size=batch["collated_global_crops"].shape[0] // int(batch.get("n_global_crops", 2)),
                 )
-                is_last = iteration == self.max_iter - 1
                 if (iteration % cfg.train.log_period_iterations == 0 or is_last) and is_main_process():
                     record = metrics.write(iteration, nonfinite_steps=nonfinite_total, **_peak_memory(self.device))
                     progress.set_postfix(loss=f"{record.get('total_loss', math.nan):.3f}", lr=f"{values['lr']:.2e}")
                 if (iteration + 1) % cfg.evaluation.eval_period_iterations == 0 or is_last:
                     self.export(f"training_{iteration}")
-                stop = not is_last and _on_any_rank(stop_requested())
                 if (iteration + 1) % self.checkpoint_period == 0 or is_last or stop:
                     last_saved = self.save_checkpoint(iteration, final=is_last)
                 progress.update(1)
@@ -333,6 +348,31 @@ def compile_blocks(model: SSLMetaArch) -> None:
         block.forward_tensor = torch.compile(block.forward_tensor)
 
 
+@torch.no_grad()
+def _create_fresh_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter its optimizer state now, equal to the state its first step would create.
+
+    AdamW creates a parameter's state at its first gradient, so a checkpoint saved while some
+    parameters have had none (the frozen backbone of a head warm-up) would lack their state, and
+    resuming it would fail the strict load or, worse, resume with states made up by the loader.
+    The optimizer's own step makes the state (right dtypes and devices, fused or not), with zero
+    gradients and a zero learning rate; resetting the step count leaves it indistinguishable
+    from a state not yet created.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    learning_rates = [group["lr"] for group in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, learning_rates):
+        group["lr"] = lr
+    for p in params:
+        p.grad = None
+        optimizer.state[p]["step"].zero_()
+
+
 def _use_fused_adamw(setting, device: torch.device) -> bool:
     if setting == "auto":
         return device.type == "cuda"
@@ -354,21 +394,17 @@ def _load_strict(module: torch.nn.Module, state: dict, what: str) -> None:
     load_full_module_state(module, state)
 
 
-def _on_every_rank(flag: torch.Tensor) -> bool:
-    """True when the flag is true on every rank."""
+def _agree_across_ranks(finite: torch.Tensor, stop: bool) -> tuple[bool, bool]:
+    """(finite on every rank, stop asked on some rank), read back in one go.
+
+    One MIN all-reduce of [finite, not stop] answers both; the stop flag enters as a fill on the
+    device, not as a copy from the host, so the read-back below is the only wait on the GPU.
+    """
+    votes = torch.stack([finite.to(torch.int32), torch.full((), int(not stop), dtype=torch.int32, device=finite.device)])
     if distributed.is_enabled():
-        flag = flag.to(torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag)
-
-
-def _on_any_rank(flag: bool) -> bool:
-    """True when the flag is true on some rank (e.g. only rank 0 got the stop signal yet)."""
-    if not distributed.is_enabled():
-        return flag
-    value = torch.tensor(int(flag), device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value)
+        torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MIN)
+    answer = int(votes[0] * 2 + votes[1])  # both bits in one read-back
+    return bool(answer & 2), not answer & 1
 
 
 def _mean_over_ranks(loss_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -406,6 +442,7 @@ def run(args: argparse.Namespace, stop: StopSignal | None = None) -> dict:
     Returns the training summary (with `stopped_at` set when `stop` ended it early), or
     {"exported": path} for --eval-only.
     """
+    owns_group = not distributed.is_enabled()  # a caller's process group outlives this run
     distributed.enable()
     try:
         cfg = setup(args)
@@ -434,7 +471,8 @@ def run(args: argparse.Namespace, stop: StopSignal | None = None) -> dict:
             )
         return summary
     finally:
-        distributed.disable()
+        if owns_group:
+            distributed.disable()
 
 
 def main(argv: list[str] | None = None) -> int:
