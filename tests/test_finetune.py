@@ -18,9 +18,9 @@ from vet_ext.finetune import (
     build_classifier,
     classification_loss,
     infer_task,
-    make_optimizer,
     sample_per_label,
 )
+from vet_ext.fitting import make_optimizer
 
 DEPTH = 2
 
@@ -146,7 +146,7 @@ def test_task_follows_the_targets():
 def test_optimizer_decays_the_learning_rate_towards_the_input(peft):
     options = FinetuneOptions(layerwise_decay=0.5, peft=peft, lora_rank=2)
     model = build_classifier(tiny_backbone(), Task("binary", 1, "AP"), options)
-    optimizer = make_optimizer(model, options)
+    optimizer = make_optimizer(model, [], options)
     multiplier = {id(p): group["lr_multiplier"] for group in optimizer.param_groups for p in group["params"]}
     names = {id(p): name for name, p in model.named_parameters()}
     optimised = {names[i] for i in multiplier}

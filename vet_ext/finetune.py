@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from dinov2.data import make_dataset
@@ -43,18 +42,14 @@ from dinov2.eval.metrics import (
 from dinov2.eval.results import write_results
 from dinov2.eval.setup import build_model_for_eval, get_eval_config, make_eval_transform
 from dinov2.eval.utils import autocast_context, extract_features, label_names, normalize_targets, sample_per_class
-from dinov2.train.checkpointing import atomic_torch_save, load_torch_file
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
-from dinov2.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
-from dinov2.utils.utils import CosineScheduler, fix_random_seeds
-from vet_ext.lora import apply_lora, merge_lora
+from dinov2.utils.utils import fix_random_seeds
+from vet_ext import fitting
 
-EVAL_RESIZE_RATIO = 256 / 224  # upstream's evaluation resize -> centre crop ratio
 CROP_SCALE = (0.4, 1.0)  # radiograph findings are small: never train on a crop of a few percent
 INTENSITY_JITTER = 0.2  # brightness and contrast factors in [0.8, 1.2]: exposure differences
 HEAD_INIT_STD = 0.01  # upstream's linear-probe head init
-BEST_NAME, LAST_NAME = "best.pth", "last.pth"
 
 
 # ----------------------------------------------------------------------------- task and model
@@ -176,57 +171,17 @@ def sample_per_label(targets: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 @dataclass
-class FinetuneOptions:
-    """Everything a fine-tune depends on besides data and weights (the few-shot tries share one)."""
+class FinetuneOptions(fitting.FitOptions):
+    """The fitting options plus the head's input (the few-shot tries share one)."""
 
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 1e-4
-    layerwise_decay: float = 0.75
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    patience: int = 5
-    peft: str = "none"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
     use_patch_mean: bool = False
-    num_workers: int = 0
-    seed: int = 0
-    resume: bool = True
-
-
-@dataclass
-class TrainingState:
-    """What last.pth restores besides weights: where the run is and how it has gone so far."""
-
-    epoch: int = 0
-    best_score: float = -math.inf
-    best_epoch: int = -1
-    stale_epochs: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def build_classifier(backbone: nn.Module, task: Task, options: FinetuneOptions) -> ImageClassifier:
-    """A trainable copy of `backbone` (untouched, so few-shot tries all start from it) with a head."""
-    backbone = copy.deepcopy(backbone).requires_grad_(True)
-    if options.peft == "lora":
-        apply_lora(backbone, options.lora_rank, options.lora_alpha)
+    """A trainable copy of `backbone` (LoRA-adapted if asked) with a fresh head."""
+    backbone = fitting.trainable_backbone(backbone, options)
     device = next(backbone.parameters()).device
     return ImageClassifier(backbone, task.num_outputs, options.use_patch_mean).to(device)
-
-
-def make_optimizer(model: ImageClassifier, options: FinetuneOptions) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters with dinov2's layer-wise lr decay and no-decay rules."""
-    groups = get_params_groups_with_decay(model.backbone, lr_decay_rate=options.layerwise_decay)
-    groups += get_params_groups_with_decay(model.head)
-    fused = fuse_params_groups(groups)
-    return torch.optim.AdamW(fused, lr=options.lr, weight_decay=options.weight_decay, betas=(0.9, 0.999))
-
-
-def merged_state_dict(model: ImageClassifier) -> dict[str, Tensor]:
-    """The model's weights with adapters folded in: keys `backbone.*` (a plain backbone) and `head.*`."""
-    export = merge_lora(copy.deepcopy(model))
-    return {key: value.detach().cpu().clone() for key, value in export.state_dict().items()}
 
 
 def predict(
@@ -251,28 +206,28 @@ def evaluate(model: ImageClassifier, task: Task, dataset, options: FinetuneOptio
     return evaluate_predictions(scores, targets, list(task.label_names) or None)
 
 
-def _save_checkpoints(output_dir: Path, model, optimizer, state: TrainingState, best: dict | None) -> None:
-    if best is not None:
-        atomic_torch_save(best, output_dir / BEST_NAME)
-    last = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": vars(state)}
-    atomic_torch_save(last, output_dir / LAST_NAME)
+class ImageTrainer(fitting.Trainer):
+    """A classifier of single images: cross-entropy, or binary cross-entropy per finding."""
 
+    def __init__(self, backbone: nn.Module, task: Task, train_dataset, val_dataset, options: FinetuneOptions) -> None:
+        model = build_classifier(backbone, task, options).train()
+        info = {
+            "task": {"kind": task.kind, "metric": task.metric, "label_names": list(task.label_names)},
+            "use_patch_mean": options.use_patch_mean,
+        }
+        super().__init__(model, fitting.make_optimizer(model, [], options), train_dataset, task.metric, info)
+        self.task, self.val_dataset, self.options = task, val_dataset, options
+        self.device = next(model.parameters()).device
 
-def _resume(output_dir: Path, model, optimizer) -> tuple[TrainingState, dict | None]:
-    last_path, best_path = output_dir / LAST_NAME, output_dir / BEST_NAME
-    if not last_path.is_file():
-        return TrainingState(), None
-    checkpoint = load_torch_file(last_path)
-    try:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise UserError(
-            f"{last_path}: written by a different model or options ({type(exc).__name__}); "
-            "use --no-resume or another --output-dir"
-        ) from None
-    best = load_torch_file(best_path) if best_path.is_file() else None
-    return TrainingState(**checkpoint["state"]), best
+    def loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        images, targets = batch
+        with autocast_context(self.device, torch.bfloat16):
+            logits = self.model(images.to(self.device, non_blocking=True))
+        loss = classification_loss(self.task, logits, targets.to(self.device))
+        return loss, {"loss": loss}
+
+    def validate(self) -> dict[str, float]:
+        return evaluate(self.model, self.task, self.val_dataset, self.options, desc="val")[0]
 
 
 def fine_tune(
@@ -283,71 +238,9 @@ def fine_tune(
     options: FinetuneOptions,
     output_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Train a classifier, early-stopping on the validation metric; returns the best checkpoint dict.
-
-    With `output_dir`, best.pth (merged weights + metrics) and last.pth (everything to resume)
-    are written atomically after every epoch, and an existing last.pth is resumed from.
-    """
-    model = build_classifier(backbone, task, options).train()
-    optimizer = make_optimizer(model, options)
-    device = next(model.parameters()).device
-    iterations = max(1, math.ceil(len(train_dataset) / options.batch_size))
-    schedule = CosineScheduler(
-        options.lr, 0.0, options.epochs * iterations,
-        warmup_iters=min(int(options.warmup_epochs * iterations), options.epochs * iterations),
-    )
-    state, best = TrainingState(), None
-    if output_dir is not None and options.resume:
-        state, best = _resume(output_dir, model, optimizer)
-
-    while state.epoch < options.epochs and state.stale_epochs < options.patience:
-        torch.manual_seed(options.seed + state.epoch)  # epoch order and augmentations survive a resume
-        loader = DataLoader(
-            train_dataset, batch_size=options.batch_size, shuffle=True, num_workers=options.num_workers,
-            generator=torch.Generator().manual_seed(options.seed + state.epoch), drop_last=False,
-        )
-        losses = []
-        progress = tqdm(loader, desc=f"epoch {state.epoch + 1}/{options.epochs}", unit="batch", leave=False)
-        for step, (images, targets) in enumerate(progress):
-            lr = schedule[state.epoch * iterations + step]
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_multiplier"]
-                group["weight_decay"] = options.weight_decay * group["wd_multiplier"]
-            with autocast_context(device, torch.bfloat16):
-                logits = model(images.to(device, non_blocking=True))
-            loss = classification_loss(task, logits, targets.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-        summary, _, _ = evaluate(model, task, val_dataset, options, desc="val")
-        score = summary[task.metric]
-        if math.isnan(score):
-            raise UserError(
-                f"validation {task.metric} is undefined: the validation dataset needs both classes of a label"
-            )
-        improved = score > state.best_score
-        state.history.append({"epoch": state.epoch + 1, "train loss": float(np.mean(losses)), **summary})
-        if improved:
-            state.best_score, state.best_epoch, state.stale_epochs = score, state.epoch + 1, 0
-            best = {
-                "model": merged_state_dict(model), "metrics": summary, "epoch": state.epoch + 1,
-                "task": {"kind": task.kind, "metric": task.metric, "label_names": list(task.label_names)},
-                "use_patch_mean": options.use_patch_mean,
-            }
-        else:
-            state.stale_epochs += 1
-        state.epoch += 1
-        tqdm.write(
-            f"epoch {state.epoch}: train loss {np.mean(losses):.4f}, val {task.metric} {score:.2f}"
-            + (" (best)" if improved else f" (best {state.best_score:.2f} at epoch {state.best_epoch})")
-        )
-        if output_dir is not None:
-            _save_checkpoints(output_dir, model, optimizer, state, best if improved else None)
-    if best is None:
-        raise UserError("no epoch was trained: --epochs must be at least 1")
-    return {**best, "history": state.history, "stopped_early": state.epoch < options.epochs}
+    """Train a classifier, early-stopping on the validation metric; returns the best checkpoint dict
+    (`vet_ext.fitting.fit`: with `output_dir`, checkpoints are written there and resumed from)."""
+    return fitting.fit(ImageTrainer(backbone, task, train_dataset, val_dataset, options), options, output_dir)
 
 
 def load_classifier(backbone: nn.Module, task: Task, best: dict[str, Any]) -> ImageClassifier:
@@ -404,20 +297,6 @@ def few_shot(
     return rows
 
 
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise UserError(f"{name} must be positive, got {value}")
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "lr", "patience", "lora_rank", "lora_alpha", "image_size", "n_tries"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
-    if not 0 < args.layerwise_decay <= 1:
-        raise UserError(f"--layerwise-decay must be in (0, 1], got {args.layerwise_decay}")
-    if args.weight_decay < 0 or args.warmup_epochs < 0 or args.num_workers < 0:
-        raise UserError("--weight-decay, --warmup-epochs and --num-workers must not be negative")
-
-
 def _parse_n_per_class(text: str | None) -> list[int]:
     if not text:
         return []
@@ -435,29 +314,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog="python -m vet_ext.finetune", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--weights", required=True, help="backbone weights: teacher export, checkpoint or hub file")
-    parser.add_argument("--config-file", help="model configuration (default: the run's config.yaml or the weights)")
     parser.add_argument("--train-dataset", required=True, help="dataset string, e.g. VetImages:root=DATA:split=train")
     parser.add_argument("--val-dataset", required=True, help="dataset string for early stopping")
     parser.add_argument("--test-dataset", help="dataset string evaluated once with the best checkpoint")
     parser.add_argument("--output-dir", required=True, help="best.pth, last.pth, results.json, results.md")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the last block and head")
-    parser.add_argument("--layerwise-decay", type=float, default=0.75, help="lr factor per block towards the input")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup-epochs", type=float, default=1.0)
-    parser.add_argument("--patience", type=int, default=5, help="epochs without val improvement before stopping")
-    parser.add_argument("--peft", choices=("none", "lora"), default="none", help="lora: train adapters + head only")
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--lora-alpha", type=float, default=16.0)
     parser.add_argument("--use-patch-mean", action="store_true", help="head on [CLS] + mean patch token")
-    parser.add_argument("--image-size", type=int, default=224, help="training crop and evaluation centre crop")
-    parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-resume", dest="resume", action="store_false", help="ignore OUT/last.pth")
     parser.add_argument("--n-per-class", help="few-shot instead: comma-separated n labelled images per class")
     parser.add_argument("--n-tries", type=int, default=5, help="few-shot subsets per n")
+    fitting.add_fitting_arguments(parser, batch_size=32, num_workers=4)
     return parser
 
 
@@ -478,18 +342,15 @@ def _datasets(args: argparse.Namespace, model_args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    _check_args(args)
+    fitting.check_fitting_arguments(args, positive=("n_tries",))
     n_per_class = _parse_n_per_class(args.n_per_class)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_args = argparse.Namespace(
-        config_file=args.config_file, pretrained_weights=args.weights, opts=[],
-        crop_size=args.image_size, resize_size=None, resize_ratio=EVAL_RESIZE_RATIO,
-    )
+    model_args = fitting.eval_model_args(args)
     train_dataset, train_targets, splits, task = _datasets(args, model_args)
     fix_random_seeds(args.seed)
     backbone = build_model_for_eval(get_eval_config(model_args), args.weights)
-    options = FinetuneOptions(**{name: getattr(args, name) for name in FinetuneOptions.__dataclass_fields__})
+    options = FinetuneOptions.from_args(args)
     lora = f"lora (rank {options.lora_rank}, alpha {options.lora_alpha})"
     info = {
         "weights": args.weights, "train": args.train_dataset, "val": args.val_dataset, "test": args.test_dataset,
@@ -509,14 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     details["epochs"] = best["history"]
     stopped = " (stopped early)" if best["stopped_early"] else ""
     info.update({
-        "best epoch": f"{best['epoch']} of {len(best['history'])}{stopped}",
-        "checkpoint": str(output_dir / BEST_NAME),
+        "best epoch": fitting.best_epoch_note(best),
+        "checkpoint": str(output_dir / fitting.BEST_NAME),
         "skipped labels (one class only)": ", ".join(skipped) or "none",
     })
     write_results(output_dir, "fine-tune", rows, details=details, info=info)
     print(
         f"fine-tuning done: {len(best['history'])} epochs{stopped}, best epoch {best['epoch']} with val "
-        f"{task.metric} {best['metrics'][task.metric]:.2f}; model in {output_dir / BEST_NAME}, results in {results_md}"
+        f"{task.metric} {best['metrics'][task.metric]:.2f}; model in {output_dir / fitting.BEST_NAME}, results in {results_md}"
     )
     return 0
 

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
-import math
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,8 +28,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
+from torch.utils.data import Subset
 
 from dinov2.data.loaders import derive_seed, make_training_loader
 from dinov2.eval.metrics import evaluate_predictions
@@ -40,27 +36,26 @@ from dinov2.eval.results import write_results
 from dinov2.eval.setup import build_model_for_eval, get_eval_config, make_eval_transform
 from dinov2.eval.utils import autocast_context, model_device
 from dinov2.models.weights import read_weights_file
-from dinov2.train.checkpointing import atomic_torch_save, load_torch_file
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
-from dinov2.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
-from dinov2.utils.utils import CosineScheduler, fix_random_seeds
-from vet_ext.finetune import (
-    BEST_NAME,
-    EVAL_RESIZE_RATIO,
-    LAST_NAME,
-    FinetuneOptions,
-    FinetuneTrainTransform,
-    Task,
-    TrainingState,
-    classification_loss,
-    merged_state_dict,
+from dinov2.utils.utils import fix_random_seeds
+from vet_ext.finetune import FinetuneTrainTransform, Task, classification_loss
+from vet_ext.fitting import (
+    FitOptions,
+    Trainer,
+    add_fitting_arguments,
+    best_epoch_note,
+    check_fitting_arguments,
+    eval_model_args,
+    fit,
+    make_optimizer,
+    trainable_backbone,
 )
-from vet_ext.lora import apply_lora
 from vet_ext.multiview import make_multiview_pipeline
+from vet_ext.eval.study_conditions import ConditionScores, score_conditions, scores_by_view_count, study_features
 from vet_ext.studies import VetStudies
-from vet_ext.study_data import CONDITIONS, ALL_VIEWS, StudyViews, collate_studies, drop_views, view_subsets
+from vet_ext.study_data import CONDITIONS, ALL_VIEWS, StudyViews, collate_studies, drop_views
 from vet_ext.study_model import FUSIONS, ImageLevelBaseline, StudyEncoder
 from vet_ext.views import VIEW_CODES
 
@@ -72,8 +67,8 @@ SSL_HEADS = ("dino_head", "ibot_head")
 
 
 @dataclass
-class StudyOptions(FinetuneOptions):
-    """Fine-tuning options (lr, layer-wise decay, LoRA, early stopping...) plus the study-level ones."""
+class StudyOptions(FitOptions):
+    """The fitting options (lr, layer-wise decay, LoRA, early stopping...) plus the study-level ones."""
 
     fusion: str = "mean"
     fusion_depth: int = 2
@@ -147,26 +142,8 @@ def build_model(kind: str, backbone: nn.Module, task: Task, options: StudyOption
 
 def trainable_model(kind: str, backbone: nn.Module, task: Task, options: StudyOptions) -> nn.Module:
     """A trainable copy of the pretrained backbone (adapted with LoRA if asked) with the model's new layers."""
-    backbone = copy.deepcopy(backbone).requires_grad_(True)
-    if options.peft == "lora":
-        apply_lora(backbone, options.lora_rank, options.lora_alpha)
+    backbone = trainable_backbone(backbone, options)
     return build_model(kind, backbone, task, options).to(model_device(backbone)).train()
-
-
-def new_layers(model: nn.Module) -> list[nn.Module]:
-    """Everything the model adds to its backbone (view embedding, fusion, head): always trained."""
-    return [child for name, child in model.named_children() if name != "backbone"]
-
-
-def make_optimizer(model: nn.Module, extra_heads: list[nn.Module], options: StudyOptions) -> torch.optim.AdamW:
-    """AdamW with dinov2's layer-wise lr decay on the backbone; new layers and SSL heads at full lr.
-
-    Frozen parameters (the backbone outside its adapters under LoRA) are left out by the grouping.
-    """
-    groups = get_params_groups_with_decay(model.backbone, lr_decay_rate=options.layerwise_decay)
-    for module in [*new_layers(model), *extra_heads]:
-        groups += get_params_groups_with_decay(module)
-    return torch.optim.AdamW(fuse_params_groups(groups), lr=options.lr, weight_decay=options.weight_decay)
 
 
 # ----------------------------------------------------------------------------- self-distillation
@@ -243,204 +220,58 @@ def _load_export_heads(meta: SSLMetaArch, weights: dict[str, Any], weights_name:
     return loaded
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def study_features(model: nn.Module, dataset: StudyViews, options: StudyOptions, desc: str) -> tuple[Tensor, Tensor, np.ndarray]:
-    """(view features [N, V, 2, D] on CPU, present [N, V], targets [N, L]) of every study, in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    loader = DataLoader(
-        dataset, batch_size=options.batch_size, shuffle=False, num_workers=options.num_workers,
-        collate_fn=functools.partial(collate_studies, n_slots=dataset.max_views),
-    )
-    features, present, targets = [], [], []
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
-        batch = batch.to(device)
-        with autocast_context(device, torch.bfloat16):
-            features.append(model.view_features(batch.images, batch.view_codes, batch.present).float().cpu())
-        present.append(batch.present.cpu())
-        targets.append(batch.targets.cpu())
-    model.train(was_training)
-    return torch.cat(features), torch.cat(present), torch.cat(targets).numpy()
-
-
-@torch.no_grad()
-def subset_probabilities(model: nn.Module, features: Tensor, masks: Tensor, chunk: int = 256) -> np.ndarray:
-    """Study probabilities [M, L] from cached view features with only the `masks` views present."""
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    parts = [
-        model.probabilities(features[i : i + chunk].to(device), masks[i : i + chunk].to(device)).float().cpu()
-        for i in range(0, len(masks), chunk)
-    ]
-    model.train(was_training)
-    return torch.cat(parts).numpy()
-
-
-@dataclass
-class ConditionScores:
-    """The evaluations of one model under one condition: which study, which views, what it predicted."""
-
-    condition: str
-    study_rows: Tensor
-    masks: Tensor
-    probabilities: np.ndarray
-
-
-def score_conditions(
-    model: nn.Module, features: Tensor, present: Tensor, conditions: tuple[str, ...] = CONDITIONS
-) -> list[ConditionScores]:
-    scores = []
-    for condition in conditions:
-        rows, masks = view_subsets(present, condition)
-        if len(rows):
-            scores.append(ConditionScores(condition, rows, masks, subset_probabilities(model, features[rows], masks)))
-    return scores
-
-
-def scores_by_view_count(scores: list[ConditionScores], targets: np.ndarray, names) -> list[dict[str, Any]]:
-    """Macro AP / AUC grouped by how many views an evaluation used (each distinct view subset once)."""
-    seen: dict[tuple, tuple[int, np.ndarray]] = {}
-    for score in scores:
-        for row, mask, probabilities in zip(score.study_rows.tolist(), score.masks, score.probabilities):
-            seen.setdefault((row, tuple(mask.tolist())), (int(mask.sum()), probabilities))
-    rows = []
-    for count in sorted({count for count, _ in seen.values()}):
-        members = [(key[0], p) for key, (n, p) in seen.items() if n == count]
-        summary, _, _ = evaluate_predictions(np.stack([p for _, p in members]), targets[[r for r, _ in members]], names)
-        rows.append({"views used": count, "evaluations": len(members), **summary})
-    return rows
-
-
-def validation_score(model: nn.Module, dataset: StudyViews, task: Task, options: StudyOptions) -> dict[str, float]:
-    """Study-level metrics with all views: what selects the best epoch."""
-    features, present, targets = study_features(model, dataset, options, desc="val")
-    (scores,) = score_conditions(model, features, present, conditions=(ALL_VIEWS,))
-    summary, _, _ = evaluate_predictions(scores.probabilities, targets, task.label_names)
-    return summary
-
-
 # ----------------------------------------------------------------------------- training
 
 
-def _save(directory: Path, model, optimizer, state: TrainingState, ssl: SelfDistillation | None, best: dict | None) -> None:
-    if best is not None:
-        atomic_torch_save(best, directory / BEST_NAME)
-    last = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": vars(state),
-            "ssl": ssl.state_dict() if ssl is not None else {}}
-    atomic_torch_save(last, directory / LAST_NAME)
+class StudyTrainer(Trainer):
+    """The study model or the image-level baseline: BCE (+ w * SSL on unlabelled studies).
 
-
-def _resume(directory: Path, model, optimizer, ssl: SelfDistillation | None) -> tuple[TrainingState, dict | None]:
-    last_path, best_path = directory / LAST_NAME, directory / BEST_NAME
-    if not last_path.is_file():
-        return TrainingState(), None
-    checkpoint = load_torch_file(last_path)
-    try:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if ssl is not None:
-            ssl.load_state_dict(checkpoint["ssl"])
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise UserError(
-            f"{last_path}: written by a different model or options ({type(exc).__name__}); "
-            "use --no-resume or another --output-dir"
-        ) from None
-    best = load_torch_file(best_path) if best_path.is_file() else None
-    tqdm.write(f"resuming {directory.name} after epoch {checkpoint['state']['epoch']}")
-    return TrainingState(**checkpoint["state"]), best
-
-
-def fit(
-    kind: str,
-    model: nn.Module,
-    data: StudyData,
-    options: StudyOptions,
-    directory: Path,
-    ssl: SelfDistillation | None = None,
-) -> dict[str, Any]:
-    """Train with BCE (+ w * SSL), early-stopping on val macro AP; returns the best checkpoint dict.
-
-    best.pth (merged weights + metrics) and last.pth (everything to resume, SSL teacher included)
-    are written atomically in `directory` after every epoch; an existing last.pth is resumed.
     Whole views are dropped for the study model only: the baseline learns from single images, so
     dropping views would just take training images away from it.
     """
-    task, view_drop = data.task, options.view_drop if kind == STUDY else 0.0
-    optimizer = make_optimizer(model, ssl.heads() if ssl is not None else [], options)
-    device = model_device(model)
-    iterations = max(1, math.ceil(len(data.train) / options.batch_size))
-    total_iterations = options.epochs * iterations
-    schedule = CosineScheduler(options.lr, 0.0, total_iterations,
-                               warmup_iters=min(int(options.warmup_epochs * iterations), total_iterations))
-    directory.mkdir(parents=True, exist_ok=True)
-    state, best = _resume(directory, model, optimizer, ssl) if options.resume else (TrainingState(), None)
 
-    while state.epoch < options.epochs and state.stale_epochs < options.patience:
-        torch.manual_seed(options.seed + state.epoch)  # epoch order, crops and view subsets survive a resume
-        loader = DataLoader(
-            data.train, batch_size=options.batch_size, shuffle=True, num_workers=options.num_workers,
-            collate_fn=collate_studies, generator=torch.Generator().manual_seed(options.seed + state.epoch),
-        )
-        drop_generator = torch.Generator().manual_seed(derive_seed(options.seed, state.epoch))
-        unlabelled = ssl.batches(state.epoch * iterations) if ssl is not None else None
-        losses: dict[str, list[float]] = defaultdict(list)
-        progress = tqdm(loader, desc=f"{MODEL_DIRS[kind]} epoch {state.epoch + 1}/{options.epochs}", unit="batch", leave=False)
-        for step, batch in enumerate(progress):
-            lr = schedule[state.epoch * iterations + step]
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_multiplier"]
-                group["weight_decay"] = options.weight_decay * group["wd_multiplier"]
-            present = drop_views(batch.present, view_drop, drop_generator) if view_drop > 0 else batch.present
-            batch, present = batch.to(device), present.to(device)
-            with autocast_context(device, torch.bfloat16):
-                features = model.view_features(batch.images, batch.view_codes, present)
-                logits, targets = model.supervised_logits(features, present, batch.targets)
-            supervised = classification_loss(task, logits, targets)
-            loss = supervised
-            if ssl is not None:
-                with autocast_context(device, torch.bfloat16):
-                    self_distillation = ssl.loss(next(unlabelled))
-                loss = supervised + options.unlabeled_weight * self_distillation
-                losses["train SSL"].append(self_distillation.item())
-            if not torch.isfinite(loss):
-                raise UserError(f"{MODEL_DIRS[kind]}: non-finite loss at epoch {state.epoch + 1}, step {step}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if ssl is not None:
-                ssl.update_teacher()
-            losses["train BCE"].append(supervised.item())
-            progress.set_postfix(loss=f"{loss.item():.4f}")
+    def __init__(self, kind: str, model: nn.Module, data: StudyData, options: StudyOptions,
+                 ssl: SelfDistillation | None = None) -> None:
+        info = {"kind": kind, "fusion": options.fusion, "fusion_depth": options.fusion_depth,
+                "label_names": list(data.task.label_names), "view_codes": list(VIEW_CODES)}
+        optimizer = make_optimizer(model, ssl.heads() if ssl is not None else [], options)
+        super().__init__(model, optimizer, data.train, data.task.metric, info)
+        self.name, self.collate_fn = MODEL_DIRS[kind], collate_studies
+        self.data, self.options, self.ssl = data, options, ssl
+        self.view_drop = options.view_drop if kind == STUDY else 0.0
+        self.device = model_device(model)
 
-        summary = validation_score(model, data.val, task, options)
-        score = summary[task.metric]
-        if math.isnan(score):
-            raise UserError(f"validation {task.metric} is undefined: no label has both classes among the val studies")
-        improved = score > state.best_score
-        state.history.append({"epoch": state.epoch + 1, **{k: float(np.mean(v)) for k, v in losses.items()}, **summary})
-        if improved:
-            state.best_score, state.best_epoch, state.stale_epochs = score, state.epoch + 1, 0
-            best = {"model": merged_state_dict(model), "metrics": summary, "epoch": state.epoch + 1, "kind": kind,
-                    "fusion": options.fusion, "fusion_depth": options.fusion_depth,
-                    "label_names": list(task.label_names), "view_codes": list(VIEW_CODES)}
-        else:
-            state.stale_epochs += 1
-        state.epoch += 1
-        tqdm.write(
-            f"{MODEL_DIRS[kind]} epoch {state.epoch}: train BCE {np.mean(losses['train BCE']):.4f}"
-            + (f", SSL {np.mean(losses['train SSL']):.4f}" if ssl is not None else "")
-            + f", val {task.metric} {score:.2f}"
-            + (" (best)" if improved else f" (best {state.best_score:.2f} at epoch {state.best_epoch})")
-        )
-        _save(directory, model, optimizer, state, ssl, best if improved else None)
-    if best is None:
-        raise UserError("no epoch was trained: --epochs must be at least 1")
-    return {**best, "history": state.history, "stopped_early": state.epoch < options.epochs}
+    def begin_epoch(self, epoch: int, first_iteration: int) -> None:
+        self.drop_generator = torch.Generator().manual_seed(derive_seed(self.options.seed, epoch))
+        self.unlabelled = self.ssl.batches(first_iteration) if self.ssl is not None else None
+
+    def loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        present = drop_views(batch.present, self.view_drop, self.drop_generator) if self.view_drop > 0 else batch.present
+        batch, present = batch.to(self.device), present.to(self.device)
+        with autocast_context(self.device, torch.bfloat16):
+            features = self.model.view_features(batch.images, batch.view_codes, present)
+            logits, targets = self.model.supervised_logits(features, present, batch.targets)
+        supervised = classification_loss(self.data.task, logits, targets)
+        if self.ssl is None:
+            return supervised, {"BCE": supervised}
+        with autocast_context(self.device, torch.bfloat16):
+            self_distillation = self.ssl.loss(next(self.unlabelled))
+        terms = {"SSL": self_distillation, "BCE": supervised}  # the column order results files have always had
+        return supervised + self.options.unlabeled_weight * self_distillation, terms
+
+    def after_update(self) -> None:
+        if self.ssl is not None:
+            self.ssl.update_teacher()
+
+    def validate(self) -> dict[str, float]:
+        """Study-level metrics with all views, as a clinic would use the model."""
+        features, present, targets = study_features(self.model, self.data.val, self.options, desc="val")
+        (scores,) = score_conditions(self.model, features, present, conditions=(ALL_VIEWS,))
+        return evaluate_predictions(scores.probabilities, targets, self.data.task.label_names)[0]
+
+    def parts(self) -> dict[str, Any]:
+        """The SSL teacher, heads and centres too: a resumed run continues their EMA."""
+        return {**super().parts(), **({"ssl": self.ssl} if self.ssl is not None else {})}
 
 
 def load_best(kind: str, backbone: nn.Module, task: Task, options: StudyOptions, best: dict[str, Any]) -> nn.Module:
@@ -458,44 +289,24 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog="python -m vet_ext.train_study", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--weights", required=True, help="backbone weights: teacher export, checkpoint or hub file")
-    parser.add_argument("--config-file", help="model (and SSL) configuration (default: the run's config.yaml)")
     parser.add_argument("--data", required=True, help="prepared DATA folder (manifest.parquet)")
     parser.add_argument("--labels", default="all", help="'all' or comma-separated label columns")
     parser.add_argument("--output-dir", required=True, help="checkpoints per model, results.json, results.md")
     parser.add_argument("--fusion", choices=FUSIONS, default="mean", help="mean of [CLS] tokens, or a small transformer")
     parser.add_argument("--fusion-depth", type=int, default=2, help="layers of the transformer fusion")
-    parser.add_argument("--peft", choices=("none", "lora"), default="none", help="lora: train adapters + heads only")
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--lora-alpha", type=float, default=16.0)
     parser.add_argument("--unlabeled-weight", type=float, default=0.0, help="weight w of the SSL term (0: supervised only)")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=16, help="studies per batch (and unlabelled studies per SSL batch)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the last block and new layers")
-    parser.add_argument("--layerwise-decay", type=float, default=0.75, help="lr factor per block towards the input")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup-epochs", type=float, default=1.0)
-    parser.add_argument("--patience", type=int, default=5, help="epochs without val improvement before stopping")
     parser.add_argument("--view-drop", type=float, default=0.3, help="probability of dropping each view in training")
-    parser.add_argument("--image-size", type=int, default=224, help="training crop and evaluation centre crop")
     parser.add_argument("--max-views", type=int, default=4, help="views per study (more: a random subset in training)")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the image-level baseline")
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing last.pth files")
+    add_fitting_arguments(parser, batch_size=16, num_workers=2,
+                          batch_size_help="studies per batch (and unlabelled studies per SSL batch)")
     return parser
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "lr", "patience", "lora_rank", "lora_alpha", "image_size", "max_views", "fusion_depth"):
-        if not getattr(args, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0 < args.layerwise_decay <= 1:
-        raise UserError(f"--layerwise-decay must be in (0, 1], got {args.layerwise_decay}")
+    check_fitting_arguments(args, positive=("max_views", "fusion_depth"), non_negative=("unlabeled_weight",))
     if not 0 <= args.view_drop < 1:
         raise UserError(f"--view-drop must be in [0, 1), got {args.view_drop}")
-    if args.unlabeled_weight < 0 or args.weight_decay < 0 or args.warmup_epochs < 0 or args.num_workers < 0:
-        raise UserError("--unlabeled-weight, --weight-decay, --warmup-epochs and --num-workers must not be negative")
 
 
 def _result_rows(split: str, kind: str, scores: list[ConditionScores], targets: np.ndarray, names) -> tuple[list, list]:
@@ -514,11 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     _check_args(args)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    options = StudyOptions(**{name: getattr(args, name) for name in StudyOptions.__dataclass_fields__ if hasattr(args, name)})
-    model_args = argparse.Namespace(
-        config_file=args.config_file, pretrained_weights=args.weights, opts=[],
-        crop_size=args.image_size, resize_size=None, resize_ratio=EVAL_RESIZE_RATIO,
-    )
+    options = StudyOptions.from_args(args)
+    model_args = eval_model_args(args)
     data = load_study_data(args, model_args, options)
     cfg = get_eval_config(model_args)
     if options.unlabeled_weight > 0 and cfg is None:
@@ -536,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         model = trainable_model(kind, backbone, data.task, options)
         if kind == STUDY and options.unlabeled_weight > 0:
             ssl = SelfDistillation(cfg, model.backbone, read_weights_file(args.weights), args.weights, data.unlabelled, options)
-        best[kind] = fit(kind, model, data, options, output_dir / MODEL_DIRS[kind], ssl if kind == STUDY else None)
-        del model
+        trainer = StudyTrainer(kind, model, data, options, ssl if kind == STUDY else None)
+        best[kind] = fit(trainer, options, output_dir / MODEL_DIRS[kind])
+        del model, trainer
 
     names = data.task.label_names
     rows, details = [], {}
@@ -573,8 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         "training studies": f"{len(data.train)} labelled", "image size": args.image_size, "max views": options.max_views,
         "one view dropped": "each study with >= 2 views once per view, without it (pooled)",
         "single view": "each study once per view, with that view alone (pooled)",
-        **{f"best epoch ({MODEL_LABELS[k]})": f"{best[k]['epoch']} of {len(best[k]['history'])}"
-           + (" (stopped early)" if best[k]["stopped_early"] else "") for k in kinds},
+        **{f"best epoch ({MODEL_LABELS[k]})": best_epoch_note(best[k]) for k in kinds},
     }
     write_results(output_dir, "study-level diagnosis", rows, details=details, info=info)
     headline = {(row["condition"], row["model"]): row[SELECTION_METRIC] for row in rows if row["split"] == report_split}
