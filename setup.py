@@ -32,7 +32,7 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers"],
-        "dev": ["pytest"],
+        "dev": ["pytest", "pytest-timeout"],
     },
     entry_points={
         "dinov2.extensions": ["vet_ext = vet_ext.registration:register"],

@@ -46,7 +46,7 @@ write_config() {
         die "$CONF exists and was not written by this script; refusing to overwrite it"
     fi
     local cpus mem_mb
-    cpus=$(nproc)
+    cpus=$(nproc --all)
     mem_mb=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 - 512 ))
     mkdir -p /etc/slurm "$STATE_DIR/ctld" "$STATE_DIR/d" "$STATE_DIR/log"
     local tmp
@@ -154,7 +154,7 @@ start() {
     start_munged
     start_slurm
     wait_idle
-    log "up: partition debug on $NODE ($(nproc) CPUs)"
+    log "up: partition debug on $NODE ($(nproc --all) CPUs)"
 }
 
 stop_daemon() {  # name pid-file

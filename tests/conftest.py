@@ -1,8 +1,16 @@
-"""Shared test set-up: fixture paths, determinism, float32 tolerances, and CUDA tests (skipped without a GPU)."""
+"""Shared test set-up: fixture paths, determinism, float32 tolerances, the tiny ViT, the one-line
+error check, and CUDA tests (skipped without a GPU)."""
+import json
+import socket
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
+
+from dinov2.models import vision_transformer as vits
+from dinov2.utils.cli import run_cli
+from tiny import TINY_ARCH, make_tiny_vit
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dinov2_reference"
 
@@ -60,19 +68,48 @@ def _deterministic():
     yield
 
 
-TINY_ARCH = "vit_test_tiny"
-
-
 @pytest.fixture
 def tiny_vit(monkeypatch) -> str:
-    """Register a 2-block, 64-wide ViT as `student.arch=vit_test_tiny`: real code paths, seconds on CPU."""
-    from functools import partial
-
-    from dinov2.models import vision_transformer as vits
-
-    tiny = partial(vits.DinoVisionTransformer, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4)
-    monkeypatch.setitem(vits.ARCHITECTURES, TINY_ARCH, tiny)
+    """`student.arch=vit_test_tiny` (tests/tiny.py) for the test's own process, gone afterwards so
+    that no other test depends on it by accident."""
+    monkeypatch.setitem(vits.ARCHITECTURES, TINY_ARCH, make_tiny_vit)
     return TINY_ARCH
+
+
+def single_error_line(stderr: str, *, after_progress: bool = False) -> str:
+    """A command refusing its input says why in one line, `error: ...`, with no traceback, so the
+    user reads the cause at once; the line is returned for the test to check its words.
+
+    after_progress: the command ran a while (a training's progress bar and warnings) before it
+    failed; the failure must still be one error line among them and no traceback.
+    """
+    lines = stderr.strip().splitlines()
+    if after_progress:
+        assert "Traceback" not in stderr, stderr
+        lines = [line for line in lines if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def cli_error(main: Callable[[], object], capsys, *, after_progress: bool = False) -> str:
+    """`main` run as its command must refuse: exit status 2 (bad input, not a crash) and one error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main)
+    assert exit_info.value.code == 2
+    return single_error_line(capsys.readouterr().err, after_progress=after_progress)
+
+
+def free_port() -> int:
+    """A local TCP port free now, for the rendezvous of processes a test starts right after."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def state_dict_cases() -> list:
+    """Upstream's architectures with their state-dict keys and shapes, one test case each."""
+    cases = json.loads((FIXTURES / "state_dict_keys.json").read_text())
+    return [pytest.param(case, id=name) for name, case in cases.items() if name != "meta"]
 
 
 @pytest.fixture

@@ -5,11 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_train_step_bench_reports_both_layouts_consistently(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(

@@ -33,6 +33,7 @@ def test_bf16_autocast_forward_matches_upstream(name):
 
 
 @pytest.mark.cuda
+@pytest.mark.slow
 def test_smoke_run_on_cuda_in_bf16(tmp_path):
     out = tmp_path / "smoke"
     proc = subprocess.run(

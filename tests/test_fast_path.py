@@ -60,6 +60,7 @@ def eager_random(monkeypatch):
 
 
 @pytest.mark.usefixtures("tiny_vit", "eager_random")
+@pytest.mark.slow
 def test_compiled_blocks_and_fused_adamw_match_the_plain_path_on_cpu(tmp_path):
     plain = _losses(tmp_path / "plain", "cpu", *PLAIN)
     fast = _losses(tmp_path / "fast", "cpu", *FAST)
@@ -72,6 +73,7 @@ def test_compiled_blocks_and_fused_adamw_match_the_plain_path_on_cpu(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.usefixtures("tiny_vit", "eager_random")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])  # fp16: upstream's default, with the gradient scaler
+@pytest.mark.slow
 def test_fast_path_matches_the_plain_path_on_cuda(tmp_path, precision):
     dtype = f"compute_precision.precision={precision}"
     plain = _losses(tmp_path / "plain", "cuda", *PLAIN, dtype)

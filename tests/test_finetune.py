@@ -7,9 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.models.weights import extract_backbone_state_dict, load_backbone_weights
-from dinov2.utils.cli import run_cli
+from conftest import cli_error
 from test_suite import data  # noqa: F401 - prepared two-view studies with two findings
 from vet_ext import finetune
 from vet_ext.finetune import (
@@ -20,14 +19,15 @@ from vet_ext.finetune import (
     infer_task,
     sample_per_label,
 )
+from tiny import INFERRED_HEADS, make_tiny_vit
 from vet_ext.fitting import make_optimizer
 
 DEPTH = 2
 
 
-def tiny_backbone() -> DinoVisionTransformer:
-    # embed_dim 64 = one head of 64 channels, the layout infer_backbone_kwargs assumes
-    return DinoVisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=DEPTH, num_heads=1)
+def tiny_backbone():
+    """Saved as a released-style file below, so with the head count a load infers."""
+    return make_tiny_vit(img_size=32, patch_size=8, depth=DEPTH, num_heads=INFERRED_HEADS)
 
 
 def spot_image(rng: np.random.Generator, has_spot: bool) -> np.ndarray:
@@ -171,11 +171,7 @@ def test_bad_input_is_one_error_line(problem, tmp_path, monkeypatch, capsys, swa
         "--val-dataset": f"ImageFolder:root={root / 'val'}", "--output-dir": str(tmp_path), **swap,
     }
     monkeypatch.setattr(sys, "argv", ["finetune", *[item for pair in arguments.items() for item in pair]])
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(finetune.main)
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith("error:") and message in error[0]
+    assert message in cli_error(finetune.main, capsys)
 
 
 def test_findings_of_prepared_studies_train_with_bce_and_per_label_results(data, problem, tmp_path):

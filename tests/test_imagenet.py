@@ -192,6 +192,7 @@ def test_dump_rejects_what_the_dataset_could_not_read_back(imagenet_root, tmp_pa
         image_net.dump_extra(imagenet_root, extra, [image_net.Split.TRAIN])
 
 
+@pytest.mark.slow
 def test_command_line_runs_as_module_and_reports_errors(imagenet_root, tmp_path):
     """`python -m` runs a module its package already imported: no warning may reach the user."""
     extra = tmp_path / "extra"

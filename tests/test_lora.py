@@ -3,16 +3,14 @@ import pytest
 import torch
 from torch import nn
 
-from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.models.weights import load_backbone_weights
 from dinov2.utils.errors import UserError
+from tiny import make_tiny_vit
 from vet_ext.lora import LoRALinear, apply_lora, lora_parameters, merge_lora
 
 
-def tiny_vit(block_chunks: int = 1) -> DinoVisionTransformer:
-    return DinoVisionTransformer(
-        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, block_chunks=block_chunks
-    ).eval()
+def tiny_vit(block_chunks: int = 1):
+    return make_tiny_vit(img_size=32, patch_size=8, block_chunks=block_chunks).eval()
 
 
 def images(n: int = 4) -> torch.Tensor:

@@ -1,14 +1,14 @@
 """The losses give the same teacher targets and centres when the batch is split over 2 ranks
 (gloo, CPU) as on one process holding the whole batch."""
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import SHORT_SUM_EPS, assert_close_scaled
+from conftest import SHORT_SUM_EPS, assert_close_scaled, free_port
 from dinov2.loss import DINOLoss, iBOTPatchLoss
+
+pytestmark = pytest.mark.slow  # every test reads the results of 2 spawned processes
 
 WORLD_SIZE = 2
 N_PROTOTYPES = 64
@@ -22,12 +22,6 @@ def make_inputs():
     cls_logits = torch.randn(2 * 6, N_PROTOTYPES, generator=generator) * 2
     patch_logits = torch.randn(sum(MASKED_TOKENS_PER_RANK), N_PROTOTYPES, generator=generator) * 2
     return cls_logits, patch_logits
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, port: int, result_path: str) -> None:
@@ -61,7 +55,7 @@ def _worker(rank: int, port: int, result_path: str) -> None:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     result_path = tmp_path_factory.mktemp("dist") / "results.pt"
-    mp.spawn(_worker, args=(_free_port(), str(result_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), str(result_path)), nprocs=WORLD_SIZE, join=True)
     return torch.load(result_path, weights_only=True)
 
 

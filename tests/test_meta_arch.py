@@ -1,22 +1,18 @@
 """SSLMetaArch against upstream's whole forward-backward, and the generic crop pairing."""
-from functools import partial
-from pathlib import Path
-
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import assert_close_scaled
+from conftest import FIXTURES, assert_close_scaled
 from dinov2.models import vision_transformer as vits
 from dinov2.train.ssl_meta_arch import CropLayout, SSLMetaArch
-FIXTURES = Path(__file__).parent / "fixtures" / "dinov2_reference"
+from tiny import make_tiny_vit
 
 
 @pytest.fixture
 def tiny_arch(monkeypatch):
-    """The fixture's architecture name: a 64-wide, 2-block ViT built by upstream's generator."""
-    tiny = partial(vits.DinoVisionTransformer, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4)
-    monkeypatch.setitem(vits.ARCHITECTURES, "vit_fixture_tiny", tiny)
+    """The tiny ViT under the name the reference fixtures' configs give it."""
+    monkeypatch.setitem(vits.ARCHITECTURES, "vit_fixture_tiny", make_tiny_vit)
 
 
 def _meta_arch_from_fixture(reference: dict) -> SSLMetaArch:

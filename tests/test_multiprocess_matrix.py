@@ -22,18 +22,17 @@ the suite's time budget.
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import sys
 import threading
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
+from conftest import free_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_vit_run import REPO, launch, metrics  # noqa: E402
+from tiny_vit_run import REPO, interrupted_copy, launch, metrics, teacher_export  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -80,14 +79,9 @@ def run_all(root: Path, name: str, runs: list[list[str]], n_processes: int, **to
     launch(["tests/matrix_run.py", str(spec)], n_processes, timeout=600, **torchrun)
 
 
-def interrupted_copy(run: Path, target: Path) -> Path:
-    """The run as if killed right after its first checkpoint: later checkpoints and exports removed."""
-    shutil.copytree(run, target)
-    for later in [*target.glob("model_final*"), target / "eval" / f"training_{LAST}"]:
-        shutil.rmtree(later) if later.is_dir() else later.unlink()
-    first = next(p.name for p in target.glob(f"model_{CHECKPOINT_AFTER:07d}*"))
-    (target / "last_checkpoint.rank_0").write_text(first)
-    return target
+def interrupted_after_first_checkpoint(run: Path, target: Path) -> Path:
+    first = next(p.name for p in run.glob(f"model_{CHECKPOINT_AFTER:07d}*"))  # a file or a sharded folder
+    return interrupted_copy(run, target, first, LAST)
 
 
 @pytest.fixture(scope="module")
@@ -105,17 +99,13 @@ def matrix(tmp_path_factory, phantom_data) -> Path:
     resumed_in_two, resumed_in_one = [], []
     for c in CONFIGS:
         for strategy in STRATEGIES:
-            copy = interrupted_copy(out(c, "one"), out(c, f"one_resumed_{strategy}"))
+            copy = interrupted_after_first_checkpoint(out(c, "one"), out(c, f"one_resumed_{strategy}"))
             resumed_in_two.append(command(c, copy, 2, phantom_data, f"train.distributed_strategy={strategy}", *SPLIT_INVARIANT))
-            copy = interrupted_copy(out(c, strategy), out(c, f"{strategy}_resumed_one"))
+            copy = interrupted_after_first_checkpoint(out(c, strategy), out(c, f"{strategy}_resumed_one"))
             resumed_in_one.append(command(c, copy, 1, phantom_data, *SPLIT_INVARIANT))
     run_all(root, "resumed_in_two", resumed_in_two, 2)
     run_all(root, "resumed_in_one", resumed_in_one, 1)
     return root
-
-
-def teacher(run: Path, iteration: int) -> dict[str, torch.Tensor]:
-    return torch.load(run / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
 
 
 def assert_same_teacher_updates(run: Path, reference: Path) -> None:
@@ -126,7 +116,8 @@ def assert_same_teacher_updates(run: Path, reference: Path) -> None:
     those into differences proportional to the step, not to the weights. 1e-3 is 20x the worst
     seen on CPUs here; a wrong gradient reduction or a missed EMA is off by order 1.
     """
-    start, end, ref_start, ref_end = teacher(run, CHECKPOINT_AFTER), teacher(run, LAST), teacher(reference, CHECKPOINT_AFTER), teacher(reference, LAST)
+    start, end = teacher_export(run, CHECKPOINT_AFTER), teacher_export(run, LAST)
+    ref_start, ref_end = teacher_export(reference, CHECKPOINT_AFTER), teacher_export(reference, LAST)
     assert end.keys() == ref_end.keys()
     for name in ref_end:
         update, ref_update = end[name] - start[name], ref_end[name] - ref_start[name]
@@ -187,19 +178,13 @@ def test_a_killed_run_resumes_on_the_other_world_size(matrix, config):
         assert f"resumed from {runs / f'one_resumed_{strategy}' / f'model_{CHECKPOINT_AFTER:07d}.rank_0.pth'}" in resumed_log
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_nodes_of_one_process_train_like_one_node_of_two(matrix, phantom_data, tmp_path):
     """Two torchrun agents, as on two SLURM nodes, meet at one c10d rendezvous and agree on ranks."""
     config = next(c for c in CONFIGS if c.stem == "multiview_vitb14")
     run = tmp_path / "two_nodes"
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps([command(config, run, 2, phantom_data, "train.distributed_strategy=fsdp", *SPLIT_INVARIANT)]))
-    rendezvous = dict(nnodes="2", rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_id="matrix")
+    rendezvous = dict(nnodes="2", rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_id="matrix")
     results: dict[int, object] = {}
 
     def agent(node_rank: int) -> None:

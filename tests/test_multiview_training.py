@@ -32,6 +32,7 @@ def _train(config_file: Path, output_dir: Path, *opts: str) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "training_metrics.json").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_multiview_pretraining_lowers_the_loss(phantom_data, tmp_path):
     metrics = _train(
         CONFIGS / "demo_cpu.yaml", tmp_path / "run", *SMALL,
@@ -46,6 +47,7 @@ def test_multiview_pretraining_lowers_the_loss(phantom_data, tmp_path):
     assert metrics[-1]["dino_global_crops_loss"] > 0 and metrics[-1]["ibot_loss"] > 0
 
 
+@pytest.mark.slow
 def test_singleview_config_trains_on_single_radiographs(phantom_data, tmp_path):
     metrics = _train(
         CONFIGS / "singleview_vits14.yaml", tmp_path / "run", *SMALL,

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dinov2.utils.cli import run_cli
+from conftest import cli_error
 from dinov2.utils.errors import UserError
 from vet_ext.cache import ShardReader, ShardWriter, read_records, shard_path, to_cache_image
 from vet_ext.dicom import read_dicom
@@ -337,6 +337,7 @@ def run_and_kill(raw: Path, out: Path, kill_after: int, **settings) -> None:
 
 
 @pytest.mark.parametrize("kill_after", [4, 8])  # files 1-3 are the bad ones (no pixels)
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, kill_after):
     tree = make_tree(tmp_path / "RAW", n_studies=5)
     reference = prepare(config(tmp_path / "RAW", tmp_path / "REF", shard_bytes=20000, commit_every=3))
@@ -423,10 +424,8 @@ def test_bad_input_is_a_user_error(tmp_path):
 
 
 def test_cli_reports_errors_in_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: main(["--dicom-root", str(tmp_path / "missing"), "--out", str(tmp_path / "D")]))
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == f"error: --dicom-root {tmp_path / 'missing'}: not a directory"
+    refusal = cli_error(lambda: main(["--dicom-root", str(tmp_path / "missing"), "--out", str(tmp_path / "D")]), capsys)
+    assert refusal == f"error: --dicom-root {tmp_path / 'missing'}: not a directory"
 
 
 def test_cli_prints_a_summary(tmp_path, capsys):

@@ -32,6 +32,7 @@ def test_setup_py_pins_the_same_minimum():
     assert pins == [NEEDED]
 
 
+@pytest.mark.slow
 def test_import_stops_on_an_old_installed_torch():
     fake_old_torch = "import importlib.metadata as m; m.version = lambda name: '2.6.0+cu124'; import dinov2"
     proc = subprocess.run([sys.executable, "-c", fake_old_torch], capture_output=True, text=True, cwd=REPO, timeout=60)

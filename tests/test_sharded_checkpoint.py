@@ -2,7 +2,6 @@
 folder written by 2 processes in 1 process, a single-file one written by 1 process in 2 sharded
 ones; the resumed run ends where the uninterrupted one did."""
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -13,9 +12,10 @@ from dinov2.train.checkpointing import Checkpointer
 from dinov2.utils.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_vit_run import metrics, teacher_export, train_processes  # noqa: E402
+from tiny_vit_run import assert_same_teacher, interrupted_copy, metrics, teacher_export, train_processes  # noqa: E402
 
 PERIOD = "train.checkpoint_period_iterations=3"  # checkpoints after iterations 2, 5, 8 and the final one
+LAST = 9
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +32,7 @@ def single_run(tmp_path_factory):
     return out
 
 
-def interrupted_copy(run: Path, target: Path, checkpoint: str) -> Path:
-    """The run as if it had been killed right after saving `checkpoint` (later outputs removed)."""
-    shutil.copytree(run, target)
-    for later in [*target.glob("model_final*"), target / "eval" / "training_9"]:
-        if later.is_dir():
-            shutil.rmtree(later)
-        else:
-            later.unlink()
-    (target / "last_checkpoint.rank_0").write_text(checkpoint)
-    return target
-
-
-def assert_same_teacher(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
-
-
+@pytest.mark.slow
 def test_fsdp_writes_sharded_folders_with_one_pointer(fsdp_run):
     folders = sorted(p.name for p in fsdp_run.glob("model_*"))
     assert folders == ["model_0000002", "model_0000005", "model_0000008", "model_final"]
@@ -59,36 +42,39 @@ def test_fsdp_writes_sharded_folders_with_one_pointer(fsdp_run):
     assert not list(fsdp_run.glob(".model_*"))  # no staging folder left behind
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_of_two_processes_resumes_in_one(fsdp_run, tmp_path):
-    resumed = interrupted_copy(fsdp_run, tmp_path / "resumed", "model_0000005")
+    resumed = interrupted_copy(fsdp_run, tmp_path / "resumed", "model_0000005", LAST)
     proc = train_processes(resumed, 1, PERIOD)
     assert "done: 4 iterations" in proc.stdout
     assert "resumed from" in (resumed / "logs" / "log.txt").read_text()
     assert [m["iteration"] for m in metrics(resumed)] == list(range(10))
-    assert_same_teacher(teacher_export(fsdp_run, 9), teacher_export(resumed, 9))
+    assert_same_teacher(teacher_export(fsdp_run, LAST), teacher_export(resumed, LAST))
 
 
+@pytest.mark.slow
 def test_single_process_checkpoint_resumes_in_two_sharded_processes(single_run, tmp_path):
-    resumed = interrupted_copy(single_run, tmp_path / "resumed", "model_0000005.rank_0.pth")
+    resumed = interrupted_copy(single_run, tmp_path / "resumed", "model_0000005.rank_0.pth", LAST)
     proc = train_processes(resumed, 2, PERIOD, "train.distributed_strategy=fsdp")
     assert "done: 4 iterations" in proc.stdout
-    assert_same_teacher(teacher_export(single_run, 9), teacher_export(resumed, 9))
+    assert_same_teacher(teacher_export(single_run, LAST), teacher_export(resumed, LAST))
     assert (resumed / "model_final" / ".metadata").exists()
 
 
+@pytest.mark.slow
 def test_fsdp_named_for_one_process_runs_the_sharded_path_with_the_same_result(single_run, tmp_path):
     """One GPU measures the FSDP path this way: `train.distributed_strategy=fsdp` without a launcher."""
     out = tmp_path / "one_fsdp"
     train_processes(out, 1, PERIOD, "train.distributed_strategy=fsdp")
     assert len(list((out / "model_final").glob("*.distcp"))) == 1  # sharded folders, one rank
-    assert_same_teacher(teacher_export(single_run, 9), teacher_export(out, 9))
+    assert_same_teacher(teacher_export(single_run, LAST), teacher_export(out, LAST))
 
 
 @pytest.mark.slow
 def test_sharded_checkpoint_resumes_with_ddp(fsdp_run, tmp_path):
-    resumed = interrupted_copy(fsdp_run, tmp_path / "resumed", "model_0000002")
+    resumed = interrupted_copy(fsdp_run, tmp_path / "resumed", "model_0000002", LAST)
     train_processes(resumed, 2, PERIOD, "train.distributed_strategy=ddp")
-    assert_same_teacher(teacher_export(fsdp_run, 9), teacher_export(resumed, 9))
+    assert_same_teacher(teacher_export(fsdp_run, LAST), teacher_export(resumed, LAST))
     assert (resumed / "model_final.rank_0.pth").exists()
 
 

@@ -96,16 +96,17 @@ EVAL_FLAGS = {
 
 
 @pytest.mark.parametrize("command", sorted(EVAL_FLAGS))
+@pytest.mark.slow
 def test_evaluation_launchers_run_their_command_on_slurm(cluster, tmp_path, monkeypatch, command):
     """`python -m dinov2.run.eval.<command>`: upstream's three launchers, each a job that writes its results."""
     import importlib
 
     import torch
 
-    from dinov2.models.vision_transformer import DinoVisionTransformer
+    from tiny import INFERRED_HEADS, make_tiny_vit
 
     torch.manual_seed(0)
-    backbone = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=1)
+    backbone = make_tiny_vit(img_size=56, patch_size=14, num_heads=INFERRED_HEADS)
     torch.save(backbone.state_dict(), tmp_path / "backbone.pth")  # a hub-style file: architecture inferred
     submitted = {}
     launcher = importlib.import_module(f"dinov2.run.eval.{command}")

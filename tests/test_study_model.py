@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dinov2.models.vision_transformer import DinoVisionTransformer
+from tiny import make_tiny_vit
 from vet_ext.finetune import Task, classification_loss
 from vet_ext.lora import LoRALinear
 from vet_ext.study_data import ALL_VIEWS, ONE_VIEW_DROPPED, SINGLE_VIEW, collate_studies, drop_views, view_subsets
@@ -16,9 +16,9 @@ LL, VD, UNKNOWN = (VIEW_CODES.index(code) for code in ("LL", "VD", "UNKNOWN"))
 ATOL = 1e-5
 
 
-def tiny_backbone() -> DinoVisionTransformer:
+def tiny_backbone():
     # registers on purpose: the view-type embedding must skip them and the patch mean must too
-    return DinoVisionTransformer(img_size=SIZE, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_register_tokens=2)
+    return make_tiny_vit(img_size=SIZE, patch_size=8, num_register_tokens=2)
 
 
 def study_model(fusion: str) -> StudyEncoder:

@@ -8,12 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import cli_error
 from dinov2.data import make_dataset
 from dinov2.eval.knn import eval_knn
 from dinov2.eval.utils import extract_features
-from dinov2.models import vision_transformer
-from dinov2.models.vision_transformer import DinoVisionTransformer
-from dinov2.utils.cli import run_cli
+from tiny import INFERRED_HEADS, make_tiny_vit
 from vet_ext.eval import retrieval, suite
 from vet_ext.prepare import PrepareConfig, prepare
 
@@ -21,8 +20,9 @@ LABELS = ("mass", "effusion")
 N_STUDIES = 24
 
 
-def tiny_vit(patch_size: int = 8, img_size: int = 32, **_) -> DinoVisionTransformer:
-    return DinoVisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=64, depth=2, num_heads=1)
+def released_tiny_vit():
+    """The tiny ViT as a released file holds it: no config, so loading infers the architecture."""
+    return make_tiny_vit(img_size=32, patch_size=8, num_heads=INFERRED_HEADS)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def weights(tmp_path):
     paths = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        state = tiny_vit().state_dict()
+        state = released_tiny_vit().state_dict()
         paths.append(tmp_path / f"teacher_{seed}.pth")
         torch.save({"teacher": {f"backbone.{k}": v for k, v in state.items()}}, paths[-1])
     return paths
@@ -69,25 +69,24 @@ FAST = [
 ]
 
 
-def test_suite_writes_one_row_per_backbone_matching_the_single_evaluations(data, weights, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(vision_transformer.ARCHITECTURES, "vit_tiny", tiny_vit)
+def test_suite_writes_one_row_per_backbone_matching_the_single_evaluations(data, weights, tmp_path, capsys, tiny_vit):
     out = tmp_path / "out"
     suite.main([
         "--weights", *map(str, weights), "--names", "first", "second", "--data", str(data),
-        "--random-init", "vit_tiny", "--patch-size", "8", "--output-dir", str(out), *FAST,
+        "--random-init", tiny_vit, "--patch-size", "8", "--output-dir", str(out), *FAST,
     ])
     payload = json.loads((out / "results.json").read_text())["comparison"]
     rows = {row["checkpoint"]: row for row in payload["rows"]}
-    assert list(rows) == ["first", "second", "random vit_tiny"]
+    assert list(rows) == ["first", "second", f"random {tiny_vit}"]
     columns = [f"{method} {key}" for method in ("k-NN", "log-reg", "linear") for key in ("macro AP", "macro AUC")]
     for row in rows.values():
         assert set(row) == {"checkpoint", *columns, "retrieval top-1", "retrieval top-5"}
         assert all(0 <= row[column] <= 100 for column in row if column != "checkpoint")
     printed = capsys.readouterr().out
-    assert "| first |" in printed and "| random vit_tiny |" in (out / "results.md").read_text()
+    assert "| first |" in printed and f"| random {tiny_vit} |" in (out / "results.md").read_text()
 
     # the row of "first" is what the stand-alone evaluations compute on the same backbone
-    model = tiny_vit()
+    model = released_tiny_vit()
     model.load_state_dict({k.removeprefix("backbone."): v for k, v in torch.load(weights[0])["teacher"].items()})
     model.eval()
     transform = suite.make_eval_transform(suite.get_args_parser().parse_args(["--data", "x", "--output-dir", "y", *FAST]))
@@ -142,8 +141,4 @@ def test_bad_input_is_one_error_line(data, weights, tmp_path, monkeypatch, capsy
     if "--data" not in arguments:
         arguments += ["--data", str(data)]
     monkeypatch.setattr(sys, "argv", ["suite", *arguments, "--output-dir", str(tmp_path), *FAST])
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(suite.main)
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith("error:") and message in error[0], error
+    assert message in cli_error(suite.main, capsys)

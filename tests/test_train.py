@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import cli_error
 from dinov2.models import build_model_from_cfg
 from dinov2.models.weights import load_backbone_weights
 from dinov2.train import train as train_module
 from dinov2.train.checkpointing import Checkpointer
-from dinov2.utils.cli import run_cli
 from dinov2.utils.config import setup
 from dinov2.utils.errors import UserError
 
@@ -48,6 +48,7 @@ def _final_state(output_dir) -> dict:
     return torch.load(Path(output_dir) / "model_final.rank_0.pth", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_smoke_command_writes_upstream_outputs(tmp_path):
     out = tmp_path / "smoke"
     proc = subprocess.run(
@@ -72,19 +73,12 @@ def test_smoke_command_writes_upstream_outputs(tmp_path):
     torch.testing.assert_close(backbone.state_dict()["cls_token"], teacher["backbone.cls_token"])
 
 
-def _single_error_line(stderr: str) -> str:
-    """The run may have printed progress before failing; the failure itself is one line, no traceback."""
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr
-    return errors[0]
-
-
 class _KillAfterFirstSave(Exception):
     pass
 
 
 @pytest.mark.parametrize("warmup", [(), ("train.head_warmup_iterations=4",)], ids=["plain", "checkpoint_in_head_warmup"])
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path, monkeypatch, warmup):
     """Killed after iteration 2's checkpoint and resumed. Inside a head warm-up the backbone has
     had no gradient yet when the checkpoint is written, and must still resume exactly."""
@@ -146,6 +140,7 @@ def test_forty_iterations_on_image_folder_lower_the_loss(tmp_path):
     load_backbone_weights(backbone, out / "eval" / "training_39" / "teacher_checkpoint.pth", strict=True)
 
 
+@pytest.mark.slow
 def test_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
     original = train_module.SSLMetaArch.compute_losses
     calls = {"n": 0}
@@ -164,6 +159,7 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in _final_state(tmp_path / "run").values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_non_finite_losses_in_a_row_stop_the_run_keeping_the_checkpoint(tmp_path, monkeypatch, capsys):
     original = train_module.SSLMetaArch.compute_losses
     calls = {"n": 0}
@@ -175,11 +171,8 @@ def test_non_finite_losses_in_a_row_stop_the_run_keeping_the_checkpoint(tmp_path
 
     monkeypatch.setattr(train_module.SSLMetaArch, "compute_losses", nan_after_first_checkpoint)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: train_module.main(["--config-file", str(SMOKE), "--output-dir", str(out), *TINY,
-                                           "train.max_consecutive_nonfinite=2"]))
-    assert exit_info.value.code == 2
-    message = _single_error_line(capsys.readouterr().err)
+    argv = ["--config-file", str(SMOKE), "--output-dir", str(out), *TINY, "train.max_consecutive_nonfinite=2"]
+    message = cli_error(lambda: train_module.main(argv), capsys, after_progress=True)
     assert "non-finite" in message and "model_0000002.rank_0.pth" in message
     state = torch.load(out / "model_0000002.rank_0.pth", weights_only=True)
     assert state["iteration"] == 2
@@ -194,23 +187,19 @@ def test_non_finite_losses_in_a_row_stop_the_run_keeping_the_checkpoint(tmp_path
     ],
 )
 def test_bad_input_gives_one_error_line(tmp_path, capsys, opts, needle):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: train_module.main(["--config-file", str(SMOKE), "--output-dir", str(tmp_path / "o"), *opts]))
-    assert exit_info.value.code == 2
-    assert needle in _single_error_line(capsys.readouterr().err)
+    argv = ["--config-file", str(SMOKE), "--output-dir", str(tmp_path / "o"), *opts]
+    assert needle in cli_error(lambda: train_module.main(argv), capsys)
 
 
 def test_pretrained_weights_with_wrong_keys_are_listed(tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     torch.save({"not_a_vit.weight": torch.zeros(3), "cls_token": torch.zeros(1, 1, 384)}, bad)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: train_module.main(["--config-file", str(SMOKE), "--output-dir", str(tmp_path / "o"),
-                                           f"student.pretrained_weights={bad}"]))
-    assert exit_info.value.code == 2
-    message = _single_error_line(capsys.readouterr().err)
+    argv = ["--config-file", str(SMOKE), "--output-dir", str(tmp_path / "o"), f"student.pretrained_weights={bad}"]
+    message = cli_error(lambda: train_module.main(argv), capsys)
     assert "not_a_vit.weight" in message and "missing" in message.lower()
 
 
+@pytest.mark.slow
 def test_head_warmup_freezes_the_backbone_and_trains_the_heads(tmp_path):
     args = _args(tmp_path / "run", *TINY, "train.head_warmup_iterations=6")
     trainer = train_module.Trainer(setup(args))
@@ -221,6 +210,7 @@ def test_head_warmup_freezes_the_backbone_and_trains_the_heads(tmp_path):
     assert not torch.equal(after["dino_head.mlp.0.weight"], before["dino_head.mlp.0.weight"])
 
 
+@pytest.mark.slow
 def test_model_weights_continue_from_a_teacher_export_with_heads(tmp_path):
     _run(tmp_path / "first", *TINY)
     export = tmp_path / "first" / "eval" / "training_5" / "teacher_checkpoint.pth"

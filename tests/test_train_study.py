@@ -1,7 +1,6 @@
 """train_study end to end on tiny phantom studies: results, falling loss, resume, the SSL option, bad input."""
 import json
 import math
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -9,17 +8,17 @@ import pytest
 import torch
 
 from dinov2.data import make_dataset
-from dinov2.models import vision_transformer as vits
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.utils.cli import run_cli
 from dinov2.utils.config import get_cfg_from_args, write_config
+from conftest import cli_error
+from tiny import INFERRED_HEADS, TINY_ARCH, make_tiny_vit
 from vet_ext import train_study
 from vet_ext.phantoms import generate_studies
 from vet_ext.prepare import PrepareConfig, prepare
 from vet_ext.study_data import CONDITIONS
 
 REPO = Path(__file__).resolve().parents[1]
-ARCH = "vit_studytest"
+ARCH = TINY_ARCH
 TINY_RUN = [
     f"student.arch={ARCH}", "student.patch_size=8", "student.num_register_tokens=0", "student.drop_path_rate=0.0",
     "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=1",
@@ -29,9 +28,7 @@ TINY_RUN = [
 FAST = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--warmup-epochs", "0", "--layerwise-decay", "1.0"]
 
 
-@pytest.fixture(autouse=True)
-def tiny_architecture(monkeypatch):
-    monkeypatch.setitem(vits.ARCHITECTURES, ARCH, partial(vits.DinoVisionTransformer, embed_dim=64, depth=2, num_heads=2))
+pytestmark = pytest.mark.usefixtures("tiny_vit")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +44,7 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture
-def weights(tmp_path, tiny_architecture):
+def weights(tmp_path):
     """A teacher export laid out as a pretraining run writes it (RUN/config.yaml beside RUN/eval/...)."""
     run = tmp_path / "pretrain"
     (run / "eval" / "training_0").mkdir(parents=True)
@@ -65,6 +62,7 @@ def run(weights, data, out, *extra) -> dict:
     return json.loads((out / "results.json").read_text())["study-level diagnosis"]
 
 
+@pytest.mark.slow
 def test_training_writes_the_comparison_table_its_loss_falls_and_a_rerun_resumes(weights, data, tmp_path):
     out = tmp_path / "study"
     payload = run(weights, data, out, "--epochs", "4", "--patience", "10", "--lr", "3e-3", "--fusion", "transformer")
@@ -116,18 +114,13 @@ def test_semi_supervised_option_adds_a_finite_ssl_term_with_lora(weights, data, 
 )
 def test_bad_input_is_one_error_line(weights, data, tmp_path, capsys, extra, message):
     argv = ["--weights", str(weights), "--data", str(data), "--output-dir", str(tmp_path / "bad"), *FAST, *extra]
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: train_study.main(argv))
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in cli_error(lambda: train_study.main(argv), capsys)
 
 
-def test_semi_supervised_needs_the_pretraining_configuration(data, tmp_path, capsys, tiny_architecture):
+def test_semi_supervised_needs_the_pretraining_configuration(data, tmp_path, capsys):
     torch.manual_seed(0)
     released = tmp_path / "backbone.pth"  # a released-style file: backbone keys only, no run beside it
-    torch.save(vits.DinoVisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1).state_dict(), released)
+    torch.save(make_tiny_vit(img_size=32, patch_size=8, num_heads=INFERRED_HEADS).state_dict(), released)
     argv = ["--weights", str(released), "--data", str(data), "--output-dir", str(tmp_path / "out"), *FAST,
             "--unlabeled-weight", "0.5"]
-    with pytest.raises(SystemExit):
-        run_cli(lambda: train_study.main(argv))
-    assert "--config-file" in capsys.readouterr().err
+    assert "--config-file" in cli_error(lambda: train_study.main(argv), capsys)

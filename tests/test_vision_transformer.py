@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SHORT_SUM_EPS, assert_close_scaled
+from conftest import SHORT_SUM_EPS, assert_close_scaled, state_dict_cases
 from dinov2.layers import attention as attention_module
 from dinov2.layers import Block, DropPath, LayerScale, add_residual_on_random_subset
 from dinov2.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer
@@ -146,14 +146,7 @@ def test_block_chunks_only_rename_keys(fixtures_dir):
                 assert torch.equal(a, b)
 
 
-def _state_dict_cases():
-    from conftest import FIXTURES
-
-    cases = json.loads((FIXTURES / "state_dict_keys.json").read_text())
-    return [pytest.param(case, id=name) for name, case in cases.items() if name != "meta"]
-
-
-@pytest.mark.parametrize("case", _state_dict_cases())
+@pytest.mark.parametrize("case", state_dict_cases())
 def test_architectures_have_upstream_keys_shapes_and_sizes(case):
     with torch.device("meta"):
         model = ARCHITECTURES[case["arch"]](**case["kwargs"])
@@ -270,6 +263,11 @@ def _qkv(batch=2, tokens=7, heads=3, head_dim=8):
     return [torch.randn(batch, tokens, heads, head_dim) for _ in range(3)]
 
 
+def _pytorch_attention(q, k, v):
+    """PyTorch's attention in the module's layout: it takes [batch, tokens, heads, dim], SDPA heads first."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
 def test_attention_is_scaled_softmax_over_tokens():
     q, k, v = _qkv()
     weights = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8**0.5
@@ -302,12 +300,17 @@ def fake_xformers(monkeypatch):
     return install
 
 
-def test_pytorch_attention_unless_xformers_is_asked_for(fake_xformers, monkeypatch):
+@pytest.mark.parametrize(
+    "environment",
+    [lambda env: env.delenv("DINOV2_ATTENTION"), lambda env: env.setenv("XFORMERS_DISABLED", "1")],
+    ids=["not asked for", "disabled by environment"],
+)
+def test_pytorch_attention_unless_xformers_is_asked_for_and_enabled(fake_xformers, monkeypatch, environment):
     ops = fake_xformers(fail=False)
-    monkeypatch.delenv("DINOV2_ATTENTION")
+    environment(monkeypatch)
     q, k, v = _qkv()
-    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    torch.testing.assert_close(attention_module.scaled_dot_product(q, k, v), expected.transpose(1, 2))
+    expected = _pytorch_attention(q, k, v)
+    torch.testing.assert_close(attention_module.scaled_dot_product(q, k, v), expected)
     assert ops.calls == 0
 
 
@@ -318,20 +321,12 @@ def test_xformers_used_when_asked_for_and_available(fake_xformers):
     assert ops.calls == 1
 
 
-def test_xformers_disabled_by_environment(fake_xformers, monkeypatch):
-    ops = fake_xformers(fail=False)
-    monkeypatch.setenv("XFORMERS_DISABLED", "1")
-    q, k, v = _qkv()
-    assert not torch.equal(attention_module.scaled_dot_product(q, k, v), torch.zeros_like(q))
-    assert ops.calls == 0
-
-
 def test_xformers_not_implemented_falls_back_once(fake_xformers):
     ops = fake_xformers(fail=True)
     q, k, v = _qkv()
-    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    expected = _pytorch_attention(q, k, v)
     for _ in range(3):
-        torch.testing.assert_close(attention_module.scaled_dot_product(q, k, v), expected.transpose(1, 2))
+        torch.testing.assert_close(attention_module.scaled_dot_product(q, k, v), expected)
     assert ops.calls == 1
 
 
@@ -361,9 +356,9 @@ def test_xformers_asked_for_on_cpu_warns_once_and_uses_pytorch(monkeypatch):
     monkeypatch.setattr(attention_module.logger, "warning", lambda message, *args: warnings.append(message % args))
     attention_module._warn_no_xformers_kernel.cache_clear()
     q, k, v = _qkv()
-    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    expected = _pytorch_attention(q, k, v)
     for _ in range(2):
-        torch.testing.assert_close(attention_module.scaled_dot_product(q, k, v), expected.transpose(1, 2))
+        torch.testing.assert_close(attention_module.scaled_dot_product(q, k, v), expected)
     assert warnings == ["DINOV2_ATTENTION=xformers: xformers has no kernel for cpu tensors; using PyTorch attention there"]
 
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import cli_error, single_error_line
 from dinov2.models import build_model_from_cfg
 from dinov2.models.vision_transformer import DinoVisionTransformer
-from dinov2.utils.cli import run_cli
 from dinov2.utils.config import get_cfg_from_args, write_config
 from dinov2.utils.errors import UserError
+from tiny import make_tiny_vit
 from vet_ext.dicom import read_dicom
 from vet_ext.phantoms import generate_studies
 from vet_ext.prepare import PrepareConfig, prepare
@@ -30,9 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_vit(registers: int = 0, block_chunks: int = 0, **kwargs) -> DinoVisionTransformer:
-    settings = dict(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=2, block_chunks=block_chunks,
-                    num_register_tokens=registers, init_values=1.0)  # fmt: skip
-    return DinoVisionTransformer(**{**settings, **kwargs}).eval()
+    settings = dict(img_size=56, patch_size=14, block_chunks=block_chunks, num_register_tokens=registers, init_values=1.0)
+    return make_tiny_vit(**{**settings, **kwargs}).eval()
 
 
 # --- attention ----------------------------------------------------------------------------
@@ -271,6 +271,7 @@ def test_released_file_is_built_from_its_keys(hub_file):
     torch.testing.assert_close(attention_maps(checkpoint.model, image), attention_maps(model, image))
 
 
+@pytest.mark.slow
 def test_cli_attention_end_to_end(viz_data, teacher_export, hub_file, tmp_path, capsys):
     root, study, codes, views = viz_data
     out = tmp_path / "attention"
@@ -332,6 +333,7 @@ def test_cli_inconsistent_flags_are_user_errors(hub_file, tmp_path, extra, messa
         main(argv)
 
 
+@pytest.mark.slow
 def test_cli_missing_study_is_one_error_line(viz_data, hub_file, tmp_path):
     root = viz_data[0]
     result = subprocess.run(
@@ -340,8 +342,7 @@ def test_cli_missing_study_is_one_error_line(viz_data, hub_file, tmp_path):
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == [lines[-1]] and lines[-1].startswith("error: --study 1.2.3.nope: no such study")
+    assert single_error_line(result.stderr).startswith("error: --study 1.2.3.nope: no such study")
 
 
 @pytest.mark.parametrize("weights, message", [("not_weights.pth", "not a readable PyTorch weights file"),
@@ -351,8 +352,4 @@ def test_cli_bad_weights_are_one_error_line(viz_data, tmp_path, capsys, monkeypa
     (tmp_path / "not_weights.pth").write_text("hello")
     monkeypatch.chdir(tmp_path)
     argv = ["attention", "--weights", weights, "--data", str(root / "DATA"), "--study", study, "--out", "o"]
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: main(argv))
-    assert exit_info.value.code == 2
-    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and message in error_lines[0]
+    assert message in cli_error(lambda: main(argv), capsys, after_progress=True)  # a progress bar over the checkpoints runs first

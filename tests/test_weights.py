@@ -1,10 +1,9 @@
 """Loading backbone weights from hub files, teacher exports and checkpoints, in either layout."""
-import json
 
 import pytest
 import torch
 
-from conftest import SHORT_SUM_EPS, assert_close_scaled
+from conftest import SHORT_SUM_EPS, assert_close_scaled, state_dict_cases
 from dinov2.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer
 from dinov2.models.weights import (
     extract_backbone_state_dict,
@@ -137,18 +136,11 @@ def test_infer_kwargs_of_fixture_model(mlp_reference):
     assert inferred["init_values"] is not None
 
 
-def _state_dict_cases():
-    from conftest import FIXTURES
-
-    cases = json.loads((FIXTURES / "state_dict_keys.json").read_text())
-    return [pytest.param(case, id=name) for name, case in cases.items() if name != "meta"]
-
-
 STANDARD_WIDTHS = {"vit_small": (384, 6, 12), "vit_base": (768, 12, 12), "vit_large": (1024, 16, 24),
                    "vit_giant2": (1536, 24, 40)}
 
 
-@pytest.mark.parametrize("case", _state_dict_cases())
+@pytest.mark.parametrize("case", state_dict_cases())
 def test_infer_kwargs_round_trip(case):
     with torch.device("meta"):
         original = ARCHITECTURES[case["arch"]](**case["kwargs"])

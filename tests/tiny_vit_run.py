@@ -6,10 +6,10 @@ the in-process tests use, then runs the training command or serves as the submit
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,15 +18,16 @@ from dinov2.models import vision_transformer as vits
 from dinov2.run.train.train import Trainer
 from dinov2.train import train
 from dinov2.utils.cli import run_cli
+from tiny import TINY_ARCH, make_tiny_vit
 
-vits.ARCHITECTURES["vit_test_tiny"] = partial(vits.DinoVisionTransformer, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4)
+vits.ARCHITECTURES[TINY_ARCH] = make_tiny_vit
 
 # 56-pixel global crops (4x4 patches, so iBOT masks have room), no stochastic depth and no KoLeo:
 # what remains depends only on the global batch, not on how it is split over processes.
 # Sinkhorn-Knopp reduces its statistics over ranks exactly; softmax centring of the iBOT centre
 # averages per-rank means (upstream's rule), which differs slightly when ranks mask differently.
 TINY_RUN = [
-    "student.arch=vit_test_tiny", "student.drop_path_rate=0", "dino.koleo_loss_weight=0",
+    f"student.arch={TINY_ARCH}", "student.drop_path_rate=0", "dino.koleo_loss_weight=0",
     "train.dataset_path=Synthetic:n=64:size=64", "crops.global_crops_size=56", "crops.local_crops_size=28",
     "train.log_period_iterations=1", "optim.warmup_epochs=1", "train.num_workers=0", "train.centering=sinkhorn_knopp",
     "ibot.mask_ratio_min_max=[0.3,0.5]",  # at least 4 of the 16 patches, so masks are never empty
@@ -43,8 +44,9 @@ def launch(script_args: list[str], n_processes: int, timeout: float = 180, **tor
     """`python SCRIPT_ARGS...` in `n_processes` fresh processes on this machine: torchrun for more
     than one (`--standalone` unless other torchrun flags are given, e.g. nnodes and a rendezvous).
 
-    The processes run in their own session, so that a hung run is killed with all its workers;
-    a failure shows the end of their stderr.
+    The processes run in their own session, so that a hung run is killed with all its workers,
+    whether `timeout` expires or pytest's per-test timeout interrupts the wait; a failure shows
+    the end of their stderr.
     """
     if n_processes == 1 and not torchrun:
         launcher = [sys.executable]
@@ -56,7 +58,7 @@ def launch(script_args: list[str], n_processes: int, timeout: float = 180, **tor
                           text=True, start_new_session=True) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
     assert proc.returncode == 0, stderr[-4000:]
@@ -76,6 +78,24 @@ def metrics(output_dir: Path) -> list[dict]:
 def teacher_export(output_dir: Path, iteration: int) -> dict:
     path = output_dir / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth"
     return torch.load(path, weights_only=True)["teacher"]
+
+
+def assert_same_teacher(a: dict, b: dict) -> None:
+    """Teacher exports of two runs that should agree: to float32 rounding, for the processes sum
+    their gradients in another order than one process does."""
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def interrupted_copy(run: Path, target: Path, checkpoint: str, last_iteration: int) -> Path:
+    """The run as if killed right after saving `checkpoint`: what only the end of the run writes
+    (the final checkpoint, the last teacher export) removed, the pointer on `checkpoint`."""
+    shutil.copytree(run, target)
+    for later in [*target.glob("model_final*"), target / "eval" / f"training_{last_iteration}"]:
+        shutil.rmtree(later) if later.is_dir() else later.unlink()
+    (target / "last_checkpoint.rank_0").write_text(checkpoint)
+    return target
 
 
 class TinyTrainer(Trainer):
