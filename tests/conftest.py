@@ -76,6 +76,14 @@ def tiny_vit(monkeypatch) -> str:
     return TINY_ARCH
 
 
+@pytest.fixture
+def fixture_vit(monkeypatch) -> str:
+    """The tiny ViT under the name the reference fixtures' configs give it (upstream's generator
+    built them with the same architecture)."""
+    monkeypatch.setitem(vits.ARCHITECTURES, "vit_fixture_tiny", make_tiny_vit)
+    return "vit_fixture_tiny"
+
+
 def single_error_line(stderr: str, *, after_progress: bool = False) -> str:
     """A command refusing its input says why in one line, `error: ...`, with no traceback, so the
     user reads the cause at once; the line is returned for the test to check its words.

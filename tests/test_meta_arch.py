@@ -4,15 +4,9 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FIXTURES, assert_close_scaled
-from dinov2.models import vision_transformer as vits
 from dinov2.train.ssl_meta_arch import CropLayout, SSLMetaArch
-from tiny import make_tiny_vit
 
-
-@pytest.fixture
-def tiny_arch(monkeypatch):
-    """The tiny ViT under the name the reference fixtures' configs give it."""
-    monkeypatch.setitem(vits.ARCHITECTURES, "vit_fixture_tiny", make_tiny_vit)
+pytestmark = pytest.mark.usefixtures("fixture_vit")
 
 
 def _meta_arch_from_fixture(reference: dict) -> SSLMetaArch:
@@ -28,7 +22,7 @@ def _meta_arch_from_fixture(reference: dict) -> SSLMetaArch:
 
 
 @pytest.mark.parametrize("variant", ["centering", "sinkhorn"])
-def test_forward_backward_matches_upstream(tiny_arch, variant):
+def test_forward_backward_matches_upstream(variant):
     reference = torch.load(FIXTURES / f"meta_arch_{variant}.pt", weights_only=True)
     model = _meta_arch_from_fixture(reference)
     batch = reference["steps"][0]["batch"]
@@ -72,7 +66,7 @@ def test_gradient_tolerance_scales_with_the_gradient():
             assert_close_scaled(wrong, grad, rtol=1e-4)
 
 
-def test_teacher_is_a_copy_of_the_student_and_takes_no_gradient(tiny_arch):
+def test_teacher_is_a_copy_of_the_student_and_takes_no_gradient():
     reference = torch.load(FIXTURES / "meta_arch_centering.pt", weights_only=True)
     model = SSLMetaArch(OmegaConf.create(reference["config"]))
     for (name, s), (_, t) in zip(model.student.state_dict().items(), model.teacher.state_dict().items()):
@@ -80,7 +74,7 @@ def test_teacher_is_a_copy_of_the_student_and_takes_no_gradient(tiny_arch):
     assert not any(p.requires_grad for p in model.teacher.parameters())
 
 
-def test_ema_update(tiny_arch):
+def test_ema_update():
     reference = torch.load(FIXTURES / "meta_arch_sinkhorn.pt", weights_only=True)
     model = _meta_arch_from_fixture(reference)
     before_t = {k: v.clone() for k, v in model.teacher.state_dict().items()}
@@ -103,7 +97,7 @@ def test_distinct_pairs_exclude_only_the_same_crop():
     assert layout.n_loss_terms == (4 + 3) * 2 - 2
 
 
-def test_permuting_teacher_crops_consistently_keeps_the_loss(tiny_arch):
+def test_permuting_teacher_crops_consistently_keeps_the_loss():
     """Generic pairing: listing the teacher's crops in another order is the same batch."""
     reference = torch.load(FIXTURES / "meta_arch_sinkhorn.pt", weights_only=True)
     model = _meta_arch_from_fixture(reference)
