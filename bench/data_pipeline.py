@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from machine import cpu_model  # bench/machine.py
-from dinov2.data import make_dataset, make_pipeline
+from dinov2.data import SSLBatch, make_dataset, make_pipeline
 from dinov2.data.loaders import make_training_loader
 from dinov2.eval.results import write_results
 from dinov2.utils.cli import run_cli
@@ -103,7 +103,7 @@ def time_pipeline(args: Namespace, studies, name: str, workers: int, device: tor
     pipeline = make_pipeline(cfg)
     loader = iter(make_training_loader(pipeline.dataset_for(studies), pipeline, args.batch_size, workers, args.seed))
 
-    def next_batch() -> dict:
+    def next_batch() -> SSLBatch:
         return pipeline.to_device(next(loader), device)
 
     for _ in range(args.warmup_batches):
@@ -116,7 +116,7 @@ def time_pipeline(args: Namespace, studies, name: str, workers: int, device: tor
     seconds = time.perf_counter() - started
     crops_per_study = VIEWS_PER_STUDY * (GLOBAL_CROPS_PER_VIEW + cfg.crops.local_crops_number)
     studies_per_s = args.batches * args.batch_size / seconds
-    assert len(batch["collated_global_crops"]) + len(batch["collated_local_crops"]) == crops_per_study * args.batch_size
+    assert len(batch.collated_global_crops) + len(batch.collated_local_crops) == crops_per_study * args.batch_size
     return {
         "pipeline": name,
         "workers": workers,

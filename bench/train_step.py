@@ -44,7 +44,7 @@ from tqdm import tqdm  # noqa: E402
 
 from machine import cpu_model  # noqa: E402  (bench/machine.py)
 from dinov2.configs import get_default_config  # noqa: E402
-from dinov2.data import make_pipeline  # noqa: E402
+from dinov2.data import SSLBatch, make_pipeline  # noqa: E402
 from dinov2.data.registry import load_extensions  # noqa: E402
 from dinov2.eval.results import write_results  # noqa: E402
 from dinov2.train.train import Trainer  # noqa: E402
@@ -134,7 +134,7 @@ def build_config(args: argparse.Namespace, case: Case, output_dir: str):
     return apply_scaling_rules_to_cfg(cfg)
 
 
-def synthetic_batch(cfg, case: Case, seed: int = 0) -> dict:
+def synthetic_batch(cfg, case: Case, seed: int = 0) -> SSLBatch:
     """Random crops through the pipeline's own collate: real masks, real teacher rows."""
     generator = torch.Generator().manual_seed(seed)
     crops = cfg.crops
@@ -157,16 +157,14 @@ def synthetic_batch(cfg, case: Case, seed: int = 0) -> dict:
     return make_pipeline(cfg).collate(samples, random.Random(seed))
 
 
-def step_shape(batch: dict, case: Case, cfg) -> StepShape:
-    n_global = int(batch["n_global_crops"])
-    n_teacher = len(batch["teacher_global_index"]) // case.batch_size
-    student = [CropGroup(case.batch_size * n_global, cfg.crops.global_crops_size)]
+def step_shape(batch: SSLBatch, case: Case, cfg) -> StepShape:
+    student = [CropGroup(len(batch.collated_global_crops), cfg.crops.global_crops_size)]
     if case.local_crops:
-        student.append(CropGroup(batch["collated_local_crops"].shape[0], cfg.crops.local_crops_size))
+        student.append(CropGroup(len(batch.collated_local_crops), cfg.crops.local_crops_size))
     return StepShape(
         student_crops=tuple(student),
-        teacher_crops=(CropGroup(case.batch_size * n_teacher, cfg.crops.global_crops_size),),
-        masked_tokens=len(batch["mask_indices_list"]),
+        teacher_crops=(CropGroup(len(batch.teacher_global_index), cfg.crops.global_crops_size),),
+        masked_tokens=len(batch.mask_indices_list),
     )
 
 

@@ -200,12 +200,12 @@ def test_device_collate_sends_uint8_views_padded_to_the_batch_canvas():
     batch = next(iter(make_training_loader(StudiesOfDifferentSizes(), pipeline, batch_size=4, num_workers=0, seed=5)))
     views = batch["views"]
     assert views.dtype == torch.uint8 and views.shape[:2] == (4, 2)
-    assert batch["global_plan.boxes"].shape == (4, 2, 2, 4) and batch["local_plan.boxes"].shape == (4, 2, 2, 4)
+    assert batch.global_plan.boxes.shape == (4, 2, 2, 4) and batch.local_plan.boxes.shape == (4, 2, 2, 4)
     # every box lies inside its own (unpadded) view: the nonzero extent of random pixels
     for study, view in itertools.product(range(4), range(2)):
         rows = views[study, view].any(dim=1).nonzero().max() + 1
         columns = views[study, view].any(dim=0).nonzero().max() + 1
-        for boxes in (batch["global_plan.boxes"], batch["local_plan.boxes"]):
+        for boxes in (batch.global_plan.boxes, batch.local_plan.boxes):
             top, left, height, width = boxes[study, view].unbind(-1)
             assert bool(((top + height <= rows) & (left + width <= columns)).all())
 

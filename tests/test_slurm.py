@@ -150,7 +150,9 @@ def test_cancelled_then_preempted_training_resumes_and_loses_nothing(cluster, tm
     # slurmd's credential window (AuthInfo=cred_expire=10 in local_cluster.sh) has passed, release it
     wait_for(lambda: job_state(second.job_id) == "PENDING" and node_idle(), "the job to be requeued", job=second)
     time.sleep(12)
-    subprocess.run(["scontrol", "update", f"JobId={second.job_id}", "StartTime=now"], check=True)
+    release = subprocess.run(["scontrol", "update", f"JobId={second.job_id}", "StartTime=now"], capture_output=True, text=True)
+    # on a loaded machine the hold may have run out first: the job then started by itself
+    assert release.returncode == 0 or "no longer pending" in release.stderr, release.stderr
     wait_for(lambda: len(resumed_iterations(out)) == 2, "the requeued job to resume", timeout=120, job=second)
     stopped_at = resumed_iterations(out)[1]
     assert stopped_at > kept_iteration and (stopped_at + 1) % 100 != 0  # saved at the signal, not periodically

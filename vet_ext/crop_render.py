@@ -62,17 +62,13 @@ class CropGroupPlan:
     def stack(cls, plans: Sequence["CropGroupPlan"]) -> "CropGroupPlan":
         return cls(**{f.name: torch.stack([getattr(p, f.name) for p in plans]) for f in dataclasses.fields(cls)})
 
-    def to_batch(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Flat batch entries, so that a trainer moving a batch's tensors to its device moves these too."""
-        return {f"{prefix}.{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)}
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "CropGroupPlan":
+        """The plan on `device`: a batch moves its plans with its tensors (`SSLMasks.to`)."""
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
 
-    @classmethod
-    def from_batch(cls, batch: dict, prefix: str) -> "CropGroupPlan":
-        return cls(**{f.name: batch[f"{prefix}.{f.name}"] for f in dataclasses.fields(cls)})
-
-    @classmethod
-    def batch_keys(cls, prefix: str) -> list[str]:
-        return [f"{prefix}.{f.name}" for f in dataclasses.fields(cls)]
+    def pin_memory(self) -> "CropGroupPlan":
+        """Pinned with the rest of its batch by DataLoader(pin_memory=True), so its move is asynchronous."""
+        return self.map(torch.Tensor.pin_memory)
 
 
 def batched_on(device: torch.device) -> bool:

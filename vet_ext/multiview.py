@@ -16,7 +16,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from dinov2.configs import register_config_defaults
-from dinov2.data.pipelines import make_dino_pipeline
+from dinov2.data.collate import masking_collate
 from dinov2.data.registry import Pipeline, register_pipeline
 from dinov2.utils.errors import UserError
 from vet_ext.augment import AugmentationSettings, MultiViewAugmentation, MultiViewPlanning
@@ -45,10 +45,10 @@ register_config_defaults(
 
 @register_pipeline("multiview")
 def make_multiview_pipeline(cfg: DictConfig) -> Pipeline:
-    """Two views per study; masks drawn by the "dino" pipeline's collate (same `ibot.*` settings)."""
+    """Two views per study; masks drawn by DINOv2's masking collate (same `ibot.*` settings as "dino")."""
     return Pipeline(
         transform=MultiViewAugmentation.from_config(cfg),
-        collate=MultiViewCollate(make_dino_pipeline(cfg).collate),
+        collate=MultiViewCollate(masking_collate(cfg)),
         select=functools.partial(select_studies, cfg=cfg),
     )
 
@@ -56,12 +56,11 @@ def make_multiview_pipeline(cfg: DictConfig) -> Pipeline:
 @register_pipeline("multiview_device")
 def make_multiview_device_pipeline(cfg: DictConfig) -> Pipeline:
     """"multiview" with the pixel work moved to the training device: workers draw plans, send uint8 views."""
-    multiview = make_multiview_pipeline(cfg)
     crops = cfg.crops
     return Pipeline(
-        transform=MultiViewPlanning(multiview.transform),
-        collate=DeviceMultiViewCollate(multiview.collate),
-        select=multiview.select,
+        transform=MultiViewPlanning(MultiViewAugmentation.from_config(cfg)),
+        collate=DeviceMultiViewCollate(masking_collate(cfg)),
+        select=functools.partial(select_studies, cfg=cfg),
         on_device=RenderOnDevice(crops.global_crops_size, crops.local_crops_size, tuple(crops.mean), tuple(crops.std)),
     )
 

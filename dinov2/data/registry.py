@@ -8,11 +8,12 @@ point in the group "dinov2.extensions" and register themselves when it is loaded
 import inspect
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from omegaconf import DictConfig
 
+from dinov2.data.batch import SSLBatch, SSLMasks
 from dinov2.extensions import EXTENSIONS_GROUP, load_extensions  # noqa: F401 (re-exported)
 from dinov2.utils.errors import UserError
 
@@ -25,27 +26,30 @@ class Pipeline:
     """What turns dataset items into training batches.
 
     `transform(image, generator)` augments one image into a dict of crops; `collate(samples, rng)`
-    turns a list of (crops, target) into the batch dict the meta-architecture consumes. Both get
-    their randomness explicitly so the loader can make every batch reproducible.
+    turns a list of (crops, target) into the `SSLBatch` the meta-architecture consumes (a dict in
+    upstream's format is accepted too). Both get their randomness explicitly so the loader can
+    make every batch reproducible.
 
     `on_device(batch)`, when set, finishes the batch after it reached the training device: a
     pipeline whose CPU workers cannot keep up with the GPU draws its random parameters in the
-    workers (so batches stay reproducible) and renders the crops there, batched.
+    workers (so batches stay reproducible) and renders the crops there, batched. Its collate
+    returns the masks (`SSLMasks`) with whatever its `on_device` needs, and `on_device` the `SSLBatch`.
     """
 
     transform: Callable[[Any, torch.Generator], dict]
-    collate: Callable[[list[tuple[dict, Any]], random.Random], dict]
+    collate: Callable[[list[tuple[dict, Any]], random.Random], SSLMasks | Mapping[str, Any]]
     # the items the pipeline can use (e.g. studies with enough views); None: all of them
     select: Callable[[Any], Any] | None = None
-    on_device: Callable[[dict], dict] | None = None
+    on_device: Callable[[SSLMasks], SSLBatch] | None = None
 
     def dataset_for(self, dataset: Any) -> Any:
         return self.select(dataset) if self.select is not None else dataset
 
-    def to_device(self, batch: dict, device: torch.device) -> dict:
-        """The batch as training consumes it: its tensors moved (asynchronously from pinned memory),
-        then finished by `on_device` if the pipeline has that stage."""
-        moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    def to_device(self, batch: SSLMasks | Mapping[str, Any], device: torch.device) -> SSLBatch:
+        """The batch as training consumes it: moved (asynchronously from pinned memory), then
+        finished by `on_device` if the pipeline has that stage."""
+        typed = batch if isinstance(batch, SSLMasks) else SSLBatch.from_mapping(batch)
+        moved = typed.to(device, non_blocking=True)
         return self.on_device(moved) if self.on_device is not None else moved
 
 

@@ -1,10 +1,10 @@
 """Student, EMA teacher and the three self-supervised losses of DINOv2, generic over crop pairing.
 
-The batch says which student global crops the teacher also sees (`teacher_global_index`, one row
-of `collated_global_crops` per teacher row, crop-major). Plain DINOv2 is the case where the teacher
-sees every global crop; VET-DINO's multi-view case is where it sees the global crops of one view
-only. Every student crop is paired with every teacher crop except the same crop of the same image,
-and the [CLS] loss is divided by the number of pairs, as upstream does, so the plain case
+The batch (`SSLBatch`) says which student global crops the teacher also sees (`teacher_global_index`,
+one row of `collated_global_crops` per teacher row, crop-major). Plain DINOv2 is the case where the
+teacher sees every global crop; VET-DINO's multi-view case is where it sees the global crops of one
+view only. Every student crop is paired with every teacher crop except the same crop of the same
+image, and the [CLS] loss is divided by the number of pairs, as upstream does, so the plain case
 reproduces upstream's numbers.
 """
 from __future__ import annotations
@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from dinov2.data.batch import SSLBatch, SSLMasks
 from dinov2.fsdp import full_module_state, local_tensor, reshard
 from dinov2.layers import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
@@ -29,7 +30,7 @@ logger = logging.getLogger("dinov2")
 
 @dataclass
 class CropLayout:
-    """How the crops of one batch are arranged; derived once per step from the batch itself."""
+    """How the crops of one batch are arranged, as the batch says, with the teacher's rows on the crops' device."""
 
     n_images: int
     n_global_crops: int
@@ -38,22 +39,14 @@ class CropLayout:
     teacher_global_index: Tensor  # [n_teacher_crops * n_images] rows of the student's global crops
 
     @classmethod
-    def from_batch(cls, images: dict[str, Any]) -> "CropLayout":
-        """Read the layout; a batch in upstream's format (no index) means 2 globals, all seen by the teacher."""
-        global_crops = images["collated_global_crops"]
-        n_global_rows = global_crops.shape[0]
-        n_global_crops = int(images.get("n_global_crops", 2))
-        n_images = n_global_rows // n_global_crops
-        teacher_index = images.get("teacher_global_index")
-        if teacher_index is None:
-            teacher_index = torch.arange(n_global_rows)
-        teacher_index = teacher_index.to(global_crops.device)
+    def from_batch(cls, batch: SSLBatch | Mapping[str, Any]) -> "CropLayout":
+        batch = SSLBatch.from_mapping(batch)
         return cls(
-            n_images=n_images,
-            n_global_crops=n_global_crops,
-            n_local_crops=images["collated_local_crops"].shape[0] // n_images,
-            n_teacher_crops=teacher_index.shape[0] // n_images,
-            teacher_global_index=teacher_index,
+            n_images=batch.n_images,
+            n_global_crops=batch.n_global_crops,
+            n_local_crops=batch.n_local_crops,
+            n_teacher_crops=batch.n_teacher_crops,
+            teacher_global_index=batch.teacher_global_index.to(batch.collated_global_crops.device),
         )
 
     @property
@@ -63,16 +56,15 @@ class CropLayout:
         return student_crops * self.n_teacher_crops - self.n_teacher_crops
 
 
-def check_masks_on_teacher_rows(images: dict[str, Any], source: str = "batch") -> None:
+def check_masks_on_teacher_rows(batch: SSLMasks | Mapping[str, Any], source: str = "batch") -> None:
     """iBOT targets are the teacher's tokens of the same crop, so masks must sit on its rows only.
 
     Checked once on a pipeline's first batch (while it is on the CPU) rather than every step,
     where reading the answer back would stall the GPU. `source` names the batch's maker.
     """
-    masks = images["collated_masks"]
-    teacher_index = images.get("teacher_global_index")
-    if teacher_index is None:
+    if "teacher_global_index" not in batch:  # upstream's format: the teacher sees every row
         return
+    masks, teacher_index = batch["collated_masks"], batch["teacher_global_index"]
     seen = torch.zeros(masks.shape[0], dtype=torch.bool)
     seen[teacher_index.cpu()] = True
     if bool(masks.cpu()[~seen].any()):
@@ -128,12 +120,12 @@ class SSLMetaArch(nn.Module):
 
     # ----------------------------------------------------------------------------------- teacher
     @torch.no_grad()
-    def teacher_targets(self, images: dict[str, Any], layout: CropLayout, teacher_temp: float):
+    def teacher_targets(self, batch: SSLBatch, layout: CropLayout, teacher_temp: float):
         """Soft targets: teacher [CLS] probabilities [n_teacher_crops, B, K], masked-patch probabilities."""
-        crops = images["collated_global_crops"].index_select(0, layout.teacher_global_index)
+        crops = batch.collated_global_crops.index_select(0, layout.teacher_global_index)
         output = self.teacher.backbone(crops, is_training=True)
         cls_tokens = output["x_norm_clstoken"]
-        masked_tokens = self._teacher_masked_patch_tokens(output["x_norm_patchtokens"], images, layout)
+        masked_tokens = self._teacher_masked_patch_tokens(output["x_norm_patchtokens"], batch, layout)
         n_masked = masked_tokens.shape[0]
 
         if self.do_ibot and not self.ibot_separate_head:
@@ -166,10 +158,10 @@ class SSLMetaArch(nn.Module):
         cls_targets = cls_targets.view(layout.n_teacher_crops, layout.n_images, -1)
         return cls_targets, (patch_targets if self.do_ibot else None)
 
-    def _teacher_masked_patch_tokens(self, patch_tokens: Tensor, images: dict[str, Any], layout: CropLayout) -> Tensor:
+    def _teacher_masked_patch_tokens(self, patch_tokens: Tensor, batch: SSLBatch, layout: CropLayout) -> Tensor:
         """Teacher patch features at the student's masked positions (masks live on teacher crops only)."""
         n_patches = patch_tokens.shape[1]
-        mask_indices = images["mask_indices_list"].to(patch_tokens.device)
+        mask_indices = batch.mask_indices_list.to(patch_tokens.device)
         student_rows, patch_positions = mask_indices // n_patches, mask_indices % n_patches
         teacher_row_of_student = torch.full(
             (layout.n_global_crops * layout.n_images,), -1, dtype=torch.long, device=patch_tokens.device
@@ -182,19 +174,21 @@ class SSLMetaArch(nn.Module):
 
     # ----------------------------------------------------------------------------------- student
     def compute_losses(
-        self, images: dict[str, Any], teacher_temp: float, freeze_backbone: bool = False
+        self, images: SSLBatch | Mapping[str, Any], teacher_temp: float, freeze_backbone: bool = False
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The optimised loss and the logged terms (upstream halves koleo and iBOT for display).
 
         `freeze_backbone` runs the student backbone without gradients, so only the heads learn:
         fresh heads on a released backbone would otherwise push large, random gradients into
-        features that are already good (head warm-up for continued pretraining).
+        features that are already good (head warm-up for continued pretraining). `images` may be a
+        dict in upstream's format (stored batches, users' collates): it becomes an `SSLBatch` here.
         """
-        layout = CropLayout.from_batch(images)
-        cls_targets, patch_targets = self.teacher_targets(images, layout, teacher_temp)
+        batch = SSLBatch.from_mapping(images)
+        layout = CropLayout.from_batch(batch)
+        cls_targets, patch_targets = self.teacher_targets(batch, layout, teacher_temp)
 
-        global_crops, local_crops = images["collated_global_crops"], images["collated_local_crops"]
-        masks = images["collated_masks"].to(global_crops.device)
+        global_crops, local_crops = batch.collated_global_crops, batch.collated_local_crops
+        masks = batch.collated_masks.to(global_crops.device)
         has_locals = local_crops.shape[0] > 0
         crops = [global_crops, local_crops] if has_locals else [global_crops]
         crop_masks = [masks, None] if has_locals else [masks]
@@ -207,7 +201,7 @@ class SSLMetaArch(nn.Module):
         head_inputs = [local_cls, global_cls]
         masked_patches = None
         if self.do_ibot:
-            mask_indices = images["mask_indices_list"].to(global_crops.device)
+            mask_indices = batch.mask_indices_list.to(global_crops.device)
             masked_patches = global_out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
             if not self.ibot_separate_head:
                 head_inputs.append(masked_patches)
@@ -241,7 +235,7 @@ class SSLMetaArch(nn.Module):
                 patch_logits,
                 patch_targets,
                 student_masks_flat=teacher_rows_masks,
-                masks_weight=images["masks_weight"].to(global_crops.device),
+                masks_weight=batch.masks_weight.to(global_crops.device),
             )
             loss_dict["ibot_loss"] = ibot / layout.n_teacher_crops
             total = total + self.cfg.ibot.loss_weight * ibot
@@ -256,7 +250,7 @@ class SSLMetaArch(nn.Module):
         teacher_rows = layout.teacher_global_index.view(1, layout.n_teacher_crops, B)
         return (student_rows != teacher_rows).to(torch.float32)
 
-    def forward_backward(self, images: dict[str, Any], teacher_temp: float, scaler=None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward_backward(self, images: SSLBatch | Mapping[str, Any], teacher_temp: float, scaler=None) -> tuple[Tensor, dict[str, Tensor]]:
         total, loss_dict = self.compute_losses(images, teacher_temp)
         (scaler.scale(total) if scaler is not None else total).backward()
         return total, loss_dict

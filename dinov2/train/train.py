@@ -24,13 +24,13 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from dinov2 import distributed
-from dinov2.data import make_dataset, make_pipeline, make_training_loader
+from dinov2.data import SSLBatch, make_dataset, make_pipeline, make_training_loader
 from dinov2.distributed import get_global_rank, is_main_process
 from dinov2.fsdp import (
     distribute,
@@ -219,7 +219,7 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------------------ training
-    def train_step(self, batch: dict, values: dict[str, float], stop_requested: Callable[[], bool] = lambda: False) -> StepResult:
+    def train_step(self, batch: SSLBatch | Mapping[str, Any], values: dict[str, float], stop_requested: Callable[[], bool] = lambda: False) -> StepResult:
         """One iteration: forward, backward, clipping, and the update unless the step is non-finite.
 
         The ranks agree on two things with one all-reduce, which is the step's one host sync:
@@ -315,7 +315,7 @@ class Trainer:
                     wd=values["wd"],
                     mom=values["mom"],
                     last_layer_lr=values["last_layer_lr"],
-                    current_batch_size=batch["collated_global_crops"].shape[0] // int(batch.get("n_global_crops", 2)),
+                    current_batch_size=batch.n_images,
                 )
                 if (iteration % cfg.train.log_period_iterations == 0 or is_last) and is_main_process():
                     record = metrics.write(iteration, nonfinite_steps=nonfinite_total, **_peak_memory(self.device))
