@@ -23,6 +23,7 @@ PROJECT_KEYS = {
     "train.head_warmup_iterations": 0,
     "train.distributed_strategy": "auto",
     "train.compile": False,
+    "train.collapse_warning_iterations": 100,
     "optim.fused_adamw": "auto",
     "compute_precision.precision": None,
     "crops.mean": [0.485, 0.456, 0.406],

@@ -195,9 +195,9 @@ def test_a_non_finite_loss_still_counts_with_the_scaler(trainer_for, monkeypatch
     calls = {"n": 0}
 
     def nan_on_second_call(self, *args, **kwargs):
-        total, loss_dict = original(self, *args, **kwargs)
+        losses = original(self, *args, **kwargs)
         calls["n"] += 1
-        return (total * float("nan") if calls["n"] == 2 else total), loss_dict
+        return losses._replace(total=losses.total * float("nan")) if calls["n"] == 2 else losses
 
     monkeypatch.setattr(train_module.SSLMetaArch, "compute_losses", nan_on_second_call)
     trainer = trainer_for("compute_precision.precision=fp16")

@@ -146,11 +146,9 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
     calls = {"n": 0}
 
     def sometimes_nan(self, images, teacher_temp, **kwargs):
-        total, loss_dict = original(self, images, teacher_temp, **kwargs)
+        losses = original(self, images, teacher_temp, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 2:
-            total = total * float("nan")
-        return total, loss_dict
+        return losses._replace(total=losses.total * float("nan")) if calls["n"] == 2 else losses
 
     monkeypatch.setattr(train_module.SSLMetaArch, "compute_losses", sometimes_nan)
     summary = _run(tmp_path / "run", *TINY)
@@ -165,9 +163,9 @@ def test_non_finite_losses_in_a_row_stop_the_run_keeping_the_checkpoint(tmp_path
     calls = {"n": 0}
 
     def nan_after_first_checkpoint(self, images, teacher_temp, **kwargs):
-        total, loss_dict = original(self, images, teacher_temp, **kwargs)
+        losses = original(self, images, teacher_temp, **kwargs)
         calls["n"] += 1
-        return (total * float("nan") if calls["n"] > 3 else total), loss_dict
+        return losses._replace(total=losses.total * float("nan")) if calls["n"] > 3 else losses
 
     monkeypatch.setattr(train_module.SSLMetaArch, "compute_losses", nan_after_first_checkpoint)
     out = tmp_path / "run"

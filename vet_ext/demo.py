@@ -115,17 +115,31 @@ def knn_table(cfg, checkpoints: dict[str, Path | None], data: Path, device: str)
 
 
 def plot_loss(metrics_path: Path, png: Path) -> Path:
+    """The losses above, the collapse monitors (dinov2.train.monitors) below: a flat loss with
+    uniform teacher outputs or identical features is a stalled run, not a converged one."""
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     iterations = [r["iteration"] for r in records]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    fig, (losses, monitors) = plt.subplots(2, 1, figsize=(7, 6.5), dpi=120, sharex=True)
     for key in ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss"):
         if key in records[-1]:
-            ax.plot(iterations, [r.get(key, np.nan) for r in records], label=key, lw=2 if key == "total_loss" else 1)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss (window median)")
-    ax.set_title("VET-DINO demo: training losses")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            losses.plot(iterations, [r.get(key, np.nan) for r in records], label=key, lw=2 if key == "total_loss" else 1)
+    losses.set_ylabel("loss (window median)")
+    losses.set_title("VET-DINO demo: training losses")
+    for key, label in (("teacher_entropy", "teacher entropy / log K (1: uniform)"),
+                       ("teacher_feature_std", "teacher feature spread (0: identical)"),
+                       ("student_teacher_kl", "student-teacher KL (nats)")):
+        if key in records[-1]:
+            monitors.plot(iterations, [r.get(key, np.nan) for r in records], label=label)
+    if "prototypes_in_use" in records[-1]:
+        prototypes = monitors.twinx()
+        prototypes.plot(iterations, [r.get("prototypes_in_use", np.nan) for r in records], color="0.5", ls="--", label="prototypes in use")
+        prototypes.set_ylabel("prototypes in use")
+        prototypes.legend(fontsize=8, loc="lower right")
+    monitors.set_xlabel("iteration")
+    monitors.set_title("collapse monitors")
+    for ax in (losses, monitors):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     atomic_write(png, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
@@ -165,7 +179,7 @@ def write_report(out: Path, rows: list[dict], loss_png: Path, attention_png: Pat
         "",
         f"The trained teacher's {metric} is **{verdict}** the untrained network's on the same split.",
         "",
-        "## Training loss",
+        "## Training loss and collapse monitors",
         "",
         f"![loss curve]({loss_png.relative_to(out)})",
         "",

@@ -184,8 +184,7 @@ class SelfDistillation:
         ))
 
     def loss(self, batch: dict[str, Any]) -> Tensor:
-        total, _ = self.meta.compute_losses(self.pipeline.to_device(batch, self.device), self.teacher_temp)
-        return total
+        return self.meta.compute_losses(self.pipeline.to_device(batch, self.device), self.teacher_temp).total
 
     def update_teacher(self) -> None:
         self.meta.update_teacher(self.momentum)

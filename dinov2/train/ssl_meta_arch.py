@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,7 @@ from dinov2.layers import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
 from dinov2.models.weights import load_backbone_weights
+from dinov2.train.monitors import collapse_monitors
 from dinov2.utils.errors import UserError
 
 logger = logging.getLogger("dinov2")
@@ -69,6 +70,12 @@ def check_masks_on_teacher_rows(batch: SSLMasks | Mapping[str, Any], source: str
     seen[teacher_index.cpu()] = True
     if bool(masks.cpu()[~seen].any()):
         raise UserError(f"{source}: iBOT masks found on a global crop that the teacher does not see")
+
+
+class Losses(NamedTuple):
+    total: Tensor  # what is optimised
+    terms: dict[str, Tensor]  # the logged loss terms
+    monitors: dict[str, Tensor]  # whether the model is still learning; no gradient
 
 
 class SSLMetaArch(nn.Module):
@@ -121,7 +128,8 @@ class SSLMetaArch(nn.Module):
     # ----------------------------------------------------------------------------------- teacher
     @torch.no_grad()
     def teacher_targets(self, batch: SSLBatch, layout: CropLayout, teacher_temp: float):
-        """Soft targets: teacher [CLS] probabilities [n_teacher_crops, B, K], masked-patch probabilities."""
+        """Soft targets: teacher [CLS] probabilities [n_teacher_crops, B, K], masked-patch
+        probabilities, and the teacher's [CLS] features they came from (for the collapse monitors)."""
         crops = batch.collated_global_crops.index_select(0, layout.teacher_global_index)
         output = self.teacher.backbone(crops, is_training=True)
         cls_tokens = output["x_norm_clstoken"]
@@ -156,7 +164,7 @@ class SSLMetaArch(nn.Module):
             raise ValueError(f"train.centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
 
         cls_targets = cls_targets.view(layout.n_teacher_crops, layout.n_images, -1)
-        return cls_targets, (patch_targets if self.do_ibot else None)
+        return cls_targets, (patch_targets if self.do_ibot else None), cls_tokens
 
     def _teacher_masked_patch_tokens(self, patch_tokens: Tensor, batch: SSLBatch, layout: CropLayout) -> Tensor:
         """Teacher patch features at the student's masked positions (masks live on teacher crops only)."""
@@ -175,8 +183,9 @@ class SSLMetaArch(nn.Module):
     # ----------------------------------------------------------------------------------- student
     def compute_losses(
         self, images: SSLBatch | Mapping[str, Any], teacher_temp: float, freeze_backbone: bool = False
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The optimised loss and the logged terms (upstream halves koleo and iBOT for display).
+    ) -> Losses:
+        """The optimised loss, the logged terms (upstream halves koleo and iBOT for display) and
+        the collapse monitors (dinov2.train.monitors), all still on the device.
 
         `freeze_backbone` runs the student backbone without gradients, so only the heads learn:
         fresh heads on a released backbone would otherwise push large, random gradients into
@@ -185,7 +194,7 @@ class SSLMetaArch(nn.Module):
         """
         batch = SSLBatch.from_mapping(images)
         layout = CropLayout.from_batch(batch)
-        cls_targets, patch_targets = self.teacher_targets(batch, layout, teacher_temp)
+        cls_targets, patch_targets, teacher_cls = self.teacher_targets(batch, layout, teacher_temp)
 
         global_crops, local_crops = batch.collated_global_crops, batch.collated_local_crops
         masks = batch.collated_masks.to(global_crops.device)
@@ -213,6 +222,7 @@ class SSLMetaArch(nn.Module):
         loss_dict: dict[str, Tensor] = {}
         total = global_cls.new_zeros(())
         B, n_terms = layout.n_images, layout.n_loss_terms
+        dino_cross_entropy = None
         if self.do_dino:
             local_logits = local_logits.view(layout.n_local_crops, B, -1)
             global_logits = global_logits.view(layout.n_global_crops, B, -1)
@@ -222,6 +232,7 @@ class SSLMetaArch(nn.Module):
             dino_global = global_pairs.sum() / (B * n_terms)
             loss_dict["dino_local_crops_loss"] = dino_local
             loss_dict["dino_global_crops_loss"] = dino_global
+            dino_cross_entropy = dino_local + dino_global  # the mean over (student, teacher) pairs
             total = total + self.cfg.dino.loss_weight * (dino_local + dino_global)
         if self.do_koleo:
             koleo = self.cfg.dino.koleo_loss_weight * sum(
@@ -239,7 +250,7 @@ class SSLMetaArch(nn.Module):
             )
             loss_dict["ibot_loss"] = ibot / layout.n_teacher_crops
             total = total + self.cfg.ibot.loss_weight * ibot
-        return total, loss_dict
+        return Losses(total, loss_dict, collapse_monitors(cls_targets, teacher_cls, dino_cross_entropy))
 
     @staticmethod
     def _distinct_crop_pairs(layout: CropLayout) -> Tensor:
@@ -251,7 +262,7 @@ class SSLMetaArch(nn.Module):
         return (student_rows != teacher_rows).to(torch.float32)
 
     def forward_backward(self, images: SSLBatch | Mapping[str, Any], teacher_temp: float, scaler=None) -> tuple[Tensor, dict[str, Tensor]]:
-        total, loss_dict = self.compute_losses(images, teacher_temp)
+        total, loss_dict, _ = self.compute_losses(images, teacher_temp)
         (scaler.scale(total) if scaler is not None else total).backward()
         return total, loss_dict
 

@@ -46,6 +46,7 @@ from dinov2.fsdp import (
 from dinov2.logging import setup_logging
 from dinov2.logging.metrics import MetricsLog
 from dinov2.train.checkpointing import Checkpointer, export_teacher, load_torch_file
+from dinov2.train.monitors import CollapseWatch
 from dinov2.train.schedules import build_schedules
 from dinov2.train.ssl_meta_arch import SSLMetaArch, check_masks_on_teacher_rows
 from dinov2.utils.cli import ConfigArgumentParser, run_cli
@@ -76,6 +77,7 @@ class StepResult(NamedTuple):
     loss: torch.Tensor  # the optimised total, still on the device
     loss_dict: dict[str, torch.Tensor]
     stop: bool  # some rank was asked to stop after this step
+    monitors: dict[str, torch.Tensor]  # collapse monitors (dinov2.train.monitors), still on the device
 
 
 class StopSignal:
@@ -126,6 +128,7 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.schedules = build_schedules(cfg)
         self.scaler = self.precision.make_scaler()
+        self.collapse_watch = CollapseWatch(cfg.train.collapse_warning_iterations)
         self.checkpointer = Checkpointer(self.output_dir, get_global_rank(), cfg.train.max_to_keep)
         self.max_iter = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
         period = cfg.train.checkpoint_period_iterations or 3 * cfg.train.OFFICIAL_EPOCH_LENGTH
@@ -233,7 +236,7 @@ class Trainer:
         self._apply_schedules(values)
         self.optimizer.zero_grad(set_to_none=True)
         with self.precision.autocast():
-            total, loss_dict = self.model.compute_losses(
+            total, loss_dict, monitors = self.model.compute_losses(
                 batch, teacher_temp=values["teacher_temp"], freeze_backbone=values["freeze_backbone"]
             )
         (self.scaler.scale(total) if self.scaler is not None else total).backward()
@@ -250,14 +253,14 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.update()
-            return StepResult(False, total, loss_dict, stop)
+            return StepResult(False, total, loss_dict, stop, monitors)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.model.update_teacher(values["mom"])
-        return StepResult(True, total, loss_dict, stop)
+        return StepResult(True, total, loss_dict, stop, monitors)
 
     def train(self, start_iter: int, stop_requested: Callable[[], bool] = lambda: False) -> dict:
         """Train from `start_iter` to the end, or until `stop_requested()` turns true on some rank:
@@ -293,12 +296,12 @@ class Trainer:
                 torch.manual_seed(_iteration_seed(cfg.train.seed, get_global_rank(), iteration))
                 values = dict(self.schedules.at(iteration), freeze_backbone=iteration < cfg.train.head_warmup_iterations)
                 is_last = iteration == self.max_iter - 1
-                stepped, total, loss_dict, stop = self.train_step(batch, values, stop_requested)
+                stepped, total, loss_dict, stop, monitors = self.train_step(batch, values, stop_requested)
                 stop = stop and not is_last
                 if stepped:
                     nonfinite_in_row = 0
-                    loss_dict = _mean_over_ranks(loss_dict)
-                    metrics.update(total_loss=sum(loss_dict.values()), **loss_dict)
+                    logged = _mean_over_ranks({**loss_dict, **monitors})  # one collective for both
+                    metrics.update(total_loss=sum(logged[name] for name in loss_dict), **logged)
                 else:
                     nonfinite_total += 1
                     nonfinite_in_row += 1
@@ -319,7 +322,16 @@ class Trainer:
                 )
                 if (iteration % cfg.train.log_period_iterations == 0 or is_last) and is_main_process():
                     record = metrics.write(iteration, nonfinite_steps=nonfinite_total, **_peak_memory(self.device))
-                    progress.set_postfix(loss=f"{record.get('total_loss', math.nan):.3f}", lr=f"{values['lr']:.2e}")
+                    progress.set_postfix(
+                        loss=f"{record.get('total_loss', math.nan):.3f}", lr=f"{values['lr']:.2e}",
+                        entropy=f"{record.get('teacher_entropy', math.nan):.3f}", prototypes=f"{record.get('prototypes_in_use', math.nan):.0f}",
+                    )
+                    # judged after the learning-rate warm-up: a network from scratch (LayerScale 1e-5)
+                    # gives every image nearly the same feature until its blocks have grown
+                    if iteration >= cfg.optim.warmup_epochs * cfg.train.OFFICIAL_EPOCH_LENGTH:
+                        reachable = min(cfg.dino.head_n_prototypes, batch.n_teacher_crops * batch.n_images)
+                        for warning in self.collapse_watch.update(iteration, record, reachable):
+                            logger.warning(warning)
                 if (iteration + 1) % cfg.evaluation.eval_period_iterations == 0 or is_last:
                     self.export(f"training_{iteration}")
                 if (iteration + 1) % self.checkpoint_period == 0 or is_last or stop:
