@@ -32,7 +32,7 @@ def _make_dinov2_model(
             f"(e.g. {name.removesuffix('_reg')}{'_reg4' if registers else ''}_pretrain.pth), "
             "or pretrained=False for random weights"
         )
-    model = _ARCHITECTURES[arch](**{**settings, **kwargs})
+    model = _ARCHITECTURES.lookup(arch)(**{**settings, **kwargs})
     if weights is not None:
         _load_backbone_weights(model, weights, strict=True)
     return model

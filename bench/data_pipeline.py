@@ -21,7 +21,6 @@ import os
 import sys
 import tempfile
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from dinov2.data import SSLBatch, make_dataset, make_pipeline
 from dinov2.data.loaders import make_training_loader
 from dinov2.eval.results import write_results
 from dinov2.utils.cli import run_cli
-from dinov2.utils.config import get_cfg_from_args
+from dinov2.utils.config import get_cfg
 from dinov2.utils.errors import UserError
 from vet_ext.augment import GLOBAL_CROPS_PER_VIEW
 
@@ -97,9 +96,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_pipeline(args: Namespace, studies, name: str, workers: int, device: torch.device) -> dict:
+def time_pipeline(args: argparse.Namespace, studies, name: str, workers: int, device: torch.device) -> dict:
     """Batches per second of one pipeline with `workers` loader processes, as the trainer consumes them."""
-    cfg = get_cfg_from_args(Namespace(config_file=args.config, opts=[f"train.pipeline={name}"]))
+    cfg = get_cfg(args.config, [f"train.pipeline={name}"])
     pipeline = make_pipeline(cfg)
     loader = iter(make_training_loader(pipeline.dataset_for(studies), pipeline, args.batch_size, workers, args.seed))
 

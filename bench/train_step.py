@@ -45,7 +45,6 @@ from tqdm import tqdm  # noqa: E402
 from machine import cpu_model  # noqa: E402  (bench/machine.py)
 from dinov2.configs import get_default_config  # noqa: E402
 from dinov2.data import SSLBatch, make_pipeline  # noqa: E402
-from dinov2.data.registry import load_extensions  # noqa: E402
 from dinov2.eval.results import write_results  # noqa: E402
 from dinov2.train.train import Trainer  # noqa: E402
 from dinov2.utils.cli import ConfigArgumentParser, run_cli  # noqa: E402
@@ -111,7 +110,6 @@ def _resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace, case: Case, output_dir: str):
-    load_extensions()  # the multi-view pipeline and its config keys
     cfg = get_default_config()
     if args.config_file:
         cfg = merge_strict(cfg, OmegaConf.load(args.config_file), f"from {args.config_file}")

@@ -33,7 +33,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from dinov2.eval.results import write_results  # noqa: E402
 from dinov2.train.train import Trainer  # noqa: E402
 from dinov2.utils.cli import ConfigArgumentParser, run_cli  # noqa: E402
-from dinov2.utils.config import setup  # noqa: E402
+from dinov2.utils.config import setup_run  # noqa: E402
 from dinov2.utils.io import atomic_write  # noqa: E402
 from vet_ext import demo  # noqa: E402
 from vet_ext.eval import suite  # noqa: E402
@@ -59,7 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _train(config_file: Path, output_dir: Path, opts: list[str]) -> tuple[Path, float]:
     started = time.perf_counter()
-    cfg = setup(argparse.Namespace(config_file=str(config_file), output_dir=str(output_dir), opts=opts))
+    cfg = setup_run(config_file, opts, output_dir)
     trainer = Trainer(cfg)
     start = trainer.resume_or_load(resume=True)
     if start < trainer.max_iter:

@@ -3,12 +3,12 @@ error check, and CUDA tests (skipped without a GPU)."""
 import json
 import socket
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import torch
 
-from dinov2.models import vision_transformer as vits
+from dinov2.models.vision_transformer import ARCHITECTURES
 from dinov2.utils.cli import run_cli
 from tiny import TINY_ARCH, make_tiny_vit
 
@@ -69,19 +69,19 @@ def _deterministic():
 
 
 @pytest.fixture
-def tiny_vit(monkeypatch) -> str:
+def tiny_vit() -> Iterator[str]:
     """`student.arch=vit_test_tiny` (tests/tiny.py) for the test's own process, gone afterwards so
     that no other test depends on it by accident."""
-    monkeypatch.setitem(vits.ARCHITECTURES, TINY_ARCH, make_tiny_vit)
-    return TINY_ARCH
+    with ARCHITECTURES.temporarily(TINY_ARCH, make_tiny_vit):
+        yield TINY_ARCH
 
 
 @pytest.fixture
-def fixture_vit(monkeypatch) -> str:
+def fixture_vit() -> Iterator[str]:
     """The tiny ViT under the name the reference fixtures' configs give it (upstream's generator
     built them with the same architecture)."""
-    monkeypatch.setitem(vits.ARCHITECTURES, "vit_fixture_tiny", make_tiny_vit)
-    return "vit_fixture_tiny"
+    with ARCHITECTURES.temporarily("vit_fixture_tiny", make_tiny_vit):
+        yield "vit_fixture_tiny"
 
 
 def single_error_line(stderr: str, *, after_progress: bool = False) -> str:

@@ -8,13 +8,14 @@ once per run, which is what keeps 24 two-process runs inside the suite's time bu
 import json
 import sys
 
-import tiny_vit_run  # noqa: F401  (registers student.arch=vit_test_tiny)
 from dinov2 import distributed
 from dinov2.train import train
 from dinov2.utils.cli import run_cli
+from tiny_vit_run import register_tiny_vit
 
 
 def main() -> int:
+    register_tiny_vit()
     runs = json.loads(open(sys.argv[1], encoding="utf-8").read())
     distributed.enable()
     try:

@@ -1,7 +1,6 @@
 """The typed SSL batch (dinov2/data/batch.py): upstream's dict in and out, the crop layout it
 implies, the move to a device, and the masking collate every pipeline asks dinov2 for."""
 import random
-from argparse import Namespace
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from dinov2.data import collate as collate_module
 from dinov2.data import pipelines as dino_pipelines
 from dinov2.data.datasets import SyntheticImages
 from dinov2.train.ssl_meta_arch import CropLayout
-from dinov2.utils.config import get_cfg_from_args
+from dinov2.utils.config import get_cfg
 
 UPSTREAM_KEYS = {"collated_global_crops", "collated_local_crops", "collated_masks", "mask_indices_list", "masks_weight",
                  "n_masked_patches", "upperbound"}  # fmt: skip
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pipeline(name: str):
-    return make_pipeline(get_cfg_from_args(Namespace(config_file="", opts=[f"train.pipeline={name}", *SMALL_CROPS])))
+    return make_pipeline(get_cfg(opts=[f"train.pipeline={name}", *SMALL_CROPS]))
 
 
 def upstream_batch() -> dict:
@@ -166,7 +165,7 @@ def test_the_device_collate_stacks_no_crops(monkeypatch):
 
 def test_masks_without_crops_are_the_masks_with_crops():
     """The masking collate's `masks` is what its full collate draws for the same samples and rng."""
-    masking = collate_module.masking_collate(get_cfg_from_args(Namespace(config_file="", opts=SMALL_CROPS)))
+    masking = collate_module.masking_collate(get_cfg(opts=SMALL_CROPS))
     crops = {"global_crops": [torch.zeros(3, 56, 56)] * 3, "local_crops": []}
     for samples in ([(crops, 0)] * 5, [(dict(crops, sample_seed=10 + i), 0) for i in range(5)]):
         rows = torch.tensor([0, 6, 12, 3, 9, 1, 7, 13, 4, 10])

@@ -3,14 +3,13 @@ import json
 import math
 import os
 import re
-from argparse import Namespace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from dinov2.configs import CONFIGS_DIR, dinov2_default_config, load_and_merge_config
-from dinov2.utils.config import apply_scaling_rules_to_cfg, get_cfg_from_args, setup, write_config
+from dinov2.utils.config import apply_scaling_rules_to_cfg, get_cfg, get_cfg_from_args, setup, setup_run, write_config
 from dinov2.utils.errors import UserError
 
 PROJECT_KEYS = {
@@ -88,12 +87,12 @@ def test_shipped_upstream_configs_merge_to_upstream_result(reference, name, monk
     merged = load_and_merge_config(name.removesuffix(".yaml"))
     _assert_contains(OmegaConf.to_container(merged), reference[name]["merged"])
     # the file's own keys must also pass the strict check of user-given files
-    strict = get_cfg_from_args(Namespace(config_file=str(CONFIGS_DIR / name), opts=[]))
+    strict = get_cfg(CONFIGS_DIR / name)
     assert strict == merged
 
 
 def test_smoke_config_is_small_and_strictly_valid():
-    cfg = get_cfg_from_args(Namespace(config_file=str(CONFIGS_DIR / "train/vits14_cpu_smoke.yaml"), opts=[]))
+    cfg = get_cfg(CONFIGS_DIR / "train/vits14_cpu_smoke.yaml")
     assert cfg.student.arch == "vit_small" and cfg.student.patch_size == 14
     assert cfg.crops.global_crops_size % cfg.student.patch_size == 0
     assert cfg.crops.local_crops_size % cfg.student.patch_size == 0
@@ -105,8 +104,7 @@ def test_smoke_config_is_small_and_strictly_valid():
 def test_command_line_overrides_parse_values_and_win_over_file(tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text("optim:\n  base_lr: 0.5\ntrain:\n  seed: 3\n")
-    args = Namespace(config_file=str(config_file), opts=["train.seed=7", "crops.global_crops_scale=[0.5,1.0]"])
-    cfg = get_cfg_from_args(args)
+    cfg = get_cfg(config_file, ["train.seed=7", "crops.global_crops_scale=[0.5,1.0]"])
     assert cfg.optim.base_lr == 0.5
     assert cfg.train.seed == 7
     assert list(cfg.crops.global_crops_scale) == [0.5, 1.0]
@@ -116,9 +114,9 @@ def test_unknown_section_is_reported_by_its_full_key(tmp_path):
     config_file = tmp_path / "typo.yaml"
     config_file.write_text("optimizer:\n  lr: 1\n")
     with pytest.raises(UserError, match=r"unknown config key 'optimizer\.lr' \(from "):
-        get_cfg_from_args(Namespace(config_file=str(config_file), opts=[]))
+        get_cfg(config_file)
     with pytest.raises(UserError, match=r"unknown config key 'a\.b\.c' \(from command line\)"):
-        get_cfg_from_args(Namespace(config_file="", opts=["a.b.c=1"]))
+        get_cfg(opts=["a.b.c=1"])
 
 
 @pytest.mark.parametrize(
@@ -132,7 +130,7 @@ def test_unknown_section_is_reported_by_its_full_key(tmp_path):
 )
 def test_bad_override_is_refused_naming_it(opt, message):
     with pytest.raises(UserError, match=message):
-        get_cfg_from_args(Namespace(config_file="", opts=[opt]))
+        get_cfg(opts=[opt])
 
 
 @pytest.mark.parametrize(
@@ -149,7 +147,7 @@ def test_bad_config_file_is_refused_naming_it(tmp_path, text, message):
     if text is not None:
         config_file.write_text(text)
     with pytest.raises(UserError, match=message.format(file=re.escape(str(config_file)))):
-        get_cfg_from_args(Namespace(config_file=str(config_file), opts=[]))
+        get_cfg(config_file)
 
 
 def test_sqrt_scaling_rule():
@@ -175,8 +173,7 @@ def test_write_config_round_trips_and_leaves_no_temporary_file(tmp_path):
 
 def test_setup_creates_output_dir_scales_lr_and_saves_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = Namespace(config_file="", output_dir="out/run1", opts=["train.batch_size_per_gpu=16", "train.seed=5"])
-    cfg = setup(args)
+    cfg = setup_run(opts=["train.batch_size_per_gpu=16", "train.seed=5"], output_dir="out/run1")
     output_dir = tmp_path / "out" / "run1"
     assert cfg.train.output_dir == str(output_dir)
     assert math.isclose(cfg.optim.lr, 0.004 * math.sqrt(16 / 1024), rel_tol=1e-12)
@@ -184,14 +181,22 @@ def test_setup_creates_output_dir_scales_lr_and_saves_config(tmp_path, monkeypat
     assert torch.initial_seed() == 5  # train.seed + rank 0
 
 
-def test_extension_config_defaults_add_keys_but_never_change_existing_ones(monkeypatch, tmp_path):
+def test_upstream_argparse_helpers_build_what_the_typed_functions_build(tmp_path):
+    from dinov2.train.train import get_args_parser
+
+    smoke, opts = CONFIGS_DIR / "train/vits14_cpu_smoke.yaml", ["train.seed=5", "optim.epochs=3"]
+    args = get_args_parser().parse_args(["--config-file", str(smoke), "--output-dir", str(tmp_path), *opts])
+    assert get_cfg_from_args(args) == get_cfg(smoke, opts)
+    assert setup(args) == setup_run(smoke, opts, tmp_path)
+
+
+def test_extension_config_defaults_add_keys_but_never_change_existing_ones(monkeypatch):
     from dinov2 import configs, extensions
 
     monkeypatch.setattr(extensions, "_loaded", True)  # only this test's registration counts
     monkeypatch.setattr(configs, "_extension_defaults", [])
     configs.register_config_defaults("vet", {"crops": {"min_views_per_study": 1}})
-    args = Namespace(config_file="", output_dir=str(tmp_path), opts=["crops.min_views_per_study=2"])
-    assert get_cfg_from_args(args).crops.min_views_per_study == 2
-    assert get_cfg_from_args(Namespace(config_file="", opts=[])).crops.min_views_per_study == 1
+    assert get_cfg(opts=["crops.min_views_per_study=2"]).crops.min_views_per_study == 2
+    assert get_cfg().crops.min_views_per_study == 1
     with pytest.raises(ValueError, match="'vet2' redefines existing config key 'crops.local_crops_number'"):
         configs.register_config_defaults("vet2", {"crops": {"local_crops_number": 3}})

@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from dinov2.data import make_pipeline
 from dinov2.data.loaders import make_training_loader
 from dinov2.data.transforms import Normalize, adjust_brightness, gaussian_blur, resized_crop
 from dinov2.train import train as train_module
-from dinov2.utils.config import get_cfg_from_args, setup
+from dinov2.utils.config import get_cfg, setup
 from vet_ext import crop_render
 from vet_ext.crop_render import BRIGHTNESS, CONTRAST, CropGroupPlan, render_crops, resize_crops_matmul
 
@@ -169,7 +168,7 @@ class StudiesOfDifferentSizes:
 
 
 def first_batches(name: str, n_batches: int = 2, *opts: str) -> list[dict]:
-    cfg = get_cfg_from_args(Namespace(config_file="", opts=[f"train.pipeline={name}", *SMALL_CROPS, *opts]))
+    cfg = get_cfg(opts=[f"train.pipeline={name}", *SMALL_CROPS, *opts])
     pipeline = make_pipeline(cfg)
     loader = iter(make_training_loader(StudiesOfDifferentSizes(), pipeline, batch_size=4, num_workers=0, seed=5))
     batches = [next(loader) for _ in range(n_batches)]
@@ -195,7 +194,7 @@ def test_device_pipeline_gives_the_multiview_batches(batched, monkeypatch):
 
 
 def test_device_collate_sends_uint8_views_padded_to_the_batch_canvas():
-    cfg = get_cfg_from_args(Namespace(config_file="", opts=["train.pipeline=multiview_device", *SMALL_CROPS]))
+    cfg = get_cfg(opts=["train.pipeline=multiview_device", *SMALL_CROPS])
     pipeline = make_pipeline(cfg)
     batch = next(iter(make_training_loader(StudiesOfDifferentSizes(), pipeline, batch_size=4, num_workers=0, seed=5)))
     views = batch["views"]

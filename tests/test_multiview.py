@@ -1,7 +1,6 @@
 """Multi-view augmentation, collate and pipeline: which view each crop comes from, what the teacher
 sees, where the iBOT masks go, which crop pairs the loss compares, and the shipped configs."""
 import random
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 from dinov2.configs import get_default_config
 from dinov2.data import make_pipeline
 from dinov2.train.ssl_meta_arch import CropLayout, SSLMetaArch
-from dinov2.utils.config import get_cfg_from_args
+from dinov2.utils.config import get_cfg
 from dinov2.utils.errors import UserError
 from vet_ext.augment import MultiViewAugmentation
 from vet_ext.multiview import select_studies
@@ -29,7 +28,7 @@ def config(*opts: str):
     """Defaults with vet_ext's keys, multiview pipeline, small crops (2 global + 2 local per view)."""
     base = ["train.pipeline=multiview", "student.patch_size=14", "crops.global_crops_size=56",
             "crops.local_crops_size=28", "crops.local_crops_number=2"]
-    return get_cfg_from_args(Namespace(config_file="", opts=[*base, *opts]))
+    return get_cfg(opts=[*base, *opts])
 
 
 def constant_study(*values: int, size: int = 64) -> list[torch.Tensor]:
@@ -253,7 +252,7 @@ def test_collate_is_deterministic_for_a_seed():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_pass_the_strict_key_check(path):
-    cfg = get_cfg_from_args(Namespace(config_file=str(path), opts=[]))
+    cfg = get_cfg(path)
     assert cfg.student.patch_size == 14
     assert (cfg.student.num_register_tokens, cfg.student.interpolate_antialias, cfg.student.interpolate_offset) == (4, True, 0.0)
     assert cfg.crops.global_crops_size % 14 == 0 and cfg.crops.local_crops_size % 14 == 0
@@ -266,7 +265,7 @@ def test_shipped_configs_pass_the_strict_key_check(path):
 def test_release_configs_fine_tune_gently():
     for path in CONFIGS:
         if path.stem.startswith(("multiview", "singleview")):
-            cfg = get_cfg_from_args(Namespace(config_file=str(path), opts=[]))
+            cfg = get_cfg(path)
             assert cfg.optim.base_lr < get_default_config().optim.base_lr / 10
             assert cfg.train.head_warmup_iterations > 0 and cfg.optim.layerwise_decay < 1
             assert 0.994 <= cfg.teacher.momentum_teacher <= 0.996

@@ -1,6 +1,5 @@
 """Multi-view and single-view pretraining end to end through the trainer, on prepared phantom studies."""
 import json
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +7,7 @@ import pytest
 
 from dinov2.data import make_dataset, make_pipeline
 from dinov2.train import train as train_module
-from dinov2.utils.config import get_cfg_from_args, setup
+from dinov2.utils.config import get_cfg, setup
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "vetdino"
@@ -63,7 +62,7 @@ def test_min_views_per_study_keeps_the_phantom_studies_with_two_views_or_more(ph
     studies = make_dataset(f"VetStudies:root={phantom_data}:split=train")
     view_counts = [len(studies.view_codes(i)) for i in range(len(studies))]
     assert 1 in view_counts and max(view_counts) >= 2, "the phantom set should mix 1-view and multi-view studies"
-    cfg = get_cfg_from_args(Namespace(config_file="", opts=["crops.min_views_per_study=2"]))
+    cfg = get_cfg(opts=["crops.min_views_per_study=2"])
     cfg.train.pipeline = "multiview"
     selected = make_pipeline(cfg).dataset_for(studies)  # what the trainer feeds to its loader
     assert len(selected) == sum(count >= 2 for count in view_counts)

@@ -9,7 +9,7 @@ import torch
 
 from dinov2.data import make_dataset
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.utils.config import get_cfg_from_args, write_config
+from dinov2.utils.config import get_cfg, write_config
 from conftest import cli_error
 from tiny import INFERRED_HEADS, TINY_ARCH, make_tiny_vit
 from vet_ext import train_study
@@ -48,7 +48,7 @@ def weights(tmp_path):
     """A teacher export laid out as a pretraining run writes it (RUN/config.yaml beside RUN/eval/...)."""
     run = tmp_path / "pretrain"
     (run / "eval" / "training_0").mkdir(parents=True)
-    cfg = get_cfg_from_args(type("Args", (), {"config_file": str(REPO / "configs/vetdino/demo_cpu.yaml"), "opts": TINY_RUN})())
+    cfg = get_cfg(REPO / "configs/vetdino/demo_cpu.yaml", TINY_RUN)
     write_config(cfg, run)
     torch.manual_seed(0)
     teacher = SSLMetaArch(cfg).teacher.state_dict()

@@ -149,7 +149,7 @@ def test_block_chunks_only_rename_keys(fixtures_dir):
 @pytest.mark.parametrize("case", state_dict_cases())
 def test_architectures_have_upstream_keys_shapes_and_sizes(case):
     with torch.device("meta"):
-        model = ARCHITECTURES[case["arch"]](**case["kwargs"])
+        model = ARCHITECTURES.lookup(case["arch"])(**case["kwargs"])
     state = model.state_dict()
     assert list(state) == list(case["keys"])
     assert {key: list(value.shape) for key, value in state.items()} == case["keys"]

@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from PIL import Image
 from conftest import cli_error, single_error_line
 from dinov2.models import build_model_from_cfg
 from dinov2.models.vision_transformer import DinoVisionTransformer
-from dinov2.utils.config import get_cfg_from_args, write_config
+from dinov2.utils.config import get_cfg, write_config
 from dinov2.utils.errors import UserError
 from tiny import make_tiny_vit
 from vet_ext.dicom import read_dicom
@@ -228,7 +227,7 @@ def teacher_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     opts = ["student.arch=vit_small", "student.patch_size=16", "crops.global_crops_size=32",
             "student.interpolate_offset=0.0", "student.num_register_tokens=1"]  # fmt: skip
-    cfg = get_cfg_from_args(Namespace(config_file=None, opts=opts))
+    cfg = get_cfg(opts=opts)
     write_config(cfg, out)
     teacher, _ = build_model_from_cfg(cfg, only_teacher=True)
     state = {f"backbone.{key}": value for key, value in teacher.state_dict().items()}

@@ -143,7 +143,7 @@ STANDARD_WIDTHS = {"vit_small": (384, 6, 12), "vit_base": (768, 12, 12), "vit_la
 @pytest.mark.parametrize("case", state_dict_cases())
 def test_infer_kwargs_round_trip(case):
     with torch.device("meta"):
-        original = ARCHITECTURES[case["arch"]](**case["kwargs"])
+        original = ARCHITECTURES.lookup(case["arch"])(**case["kwargs"])
         inferred = infer_backbone_kwargs(original.state_dict())
         rebuilt = DinoVisionTransformer(**inferred)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {

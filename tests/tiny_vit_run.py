@@ -14,13 +14,18 @@ from pathlib import Path
 
 import torch
 
-from dinov2.models import vision_transformer as vits
+from dinov2.models.vision_transformer import ARCHITECTURES
 from dinov2.run.train.train import Trainer
 from dinov2.train import train
 from dinov2.utils.cli import run_cli
 from tiny import TINY_ARCH, make_tiny_vit
 
-vits.ARCHITECTURES[TINY_ARCH] = make_tiny_vit
+
+def register_tiny_vit() -> None:
+    """Make `student.arch=vit_test_tiny` known in a launched process, for its lifetime (an
+    in-process test takes conftest's `tiny_vit` fixture instead, which undoes it afterwards)."""
+    ARCHITECTURES.register(TINY_ARCH, make_tiny_vit)
+
 
 # 56-pixel global crops (4x4 patches, so iBOT masks have room), no stochastic depth and no KoLeo:
 # what remains depends only on the global batch, not on how it is split over processes.
@@ -101,6 +106,11 @@ def interrupted_copy(run: Path, target: Path, checkpoint: str, last_iteration: i
 class TinyTrainer(Trainer):
     """The SLURM launcher's callable, importable in the job (tests/ is put on its PYTHONPATH)."""
 
+    def __call__(self) -> dict:
+        register_tiny_vit()
+        return super().__call__()
+
 
 if __name__ == "__main__":
+    register_tiny_vit()
     run_cli(lambda: train.main(sys.argv[1:]))

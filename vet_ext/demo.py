@@ -29,7 +29,7 @@ from dinov2.models import build_model_from_cfg  # noqa: E402
 from dinov2.models.weights import load_backbone_weights  # noqa: E402
 from dinov2.train.train import Trainer  # noqa: E402
 from dinov2.utils.cli import ConfigArgumentParser, run_cli  # noqa: E402
-from dinov2.utils.config import setup  # noqa: E402
+from dinov2.utils.config import setup_run  # noqa: E402
 from dinov2.utils.io import atomic_write, atomic_write_text  # noqa: E402
 from vet_ext.phantoms import generate_studies  # noqa: E402
 from vet_ext.prepare import PrepareConfig, prepare  # noqa: E402
@@ -71,12 +71,10 @@ def make_data(out: Path, studies: int, size: int, seed: int) -> Path:
 
 
 def pretrain(out: Path, data: Path, config_file: Path, device: str, opts: list[str]):
-    args = argparse.Namespace(
-        config_file=str(config_file),
-        output_dir=str(out / "pretrain"),
-        opts=[f"train.dataset_path=VetStudies:root={data}:split=train", f"train.device={device}", *opts],
+    cfg = setup_run(
+        config_file, [f"train.dataset_path=VetStudies:root={data}:split=train", f"train.device={device}", *opts],
+        out / "pretrain",
     )
-    cfg = setup(args)
     trainer = Trainer(cfg)
     start = trainer.resume_or_load(resume=True)
     if start < trainer.max_iter:

@@ -40,7 +40,7 @@ from dinov2.eval.metrics import (
     target_kind,
 )
 from dinov2.eval.results import write_results
-from dinov2.eval.setup import build_model_for_eval, get_eval_config, make_eval_transform
+from dinov2.eval.setup import build_model_for_eval
 from dinov2.eval.utils import autocast_context, extract_features, label_names, normalize_targets, sample_per_class
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
@@ -325,9 +325,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _datasets(args: argparse.Namespace, model_args: argparse.Namespace):
+def _datasets(args: argparse.Namespace, eval_transform: ClassificationEvalTransform):
     """(train dataset, its targets, {"val": ..., "test": ...}, task), unlabelled training images left out."""
-    eval_transform: ClassificationEvalTransform = make_eval_transform(model_args)
     train_transform = FinetuneTrainTransform(args.image_size, eval_transform.normalize)
     train_dataset = make_dataset(args.train_dataset, transform=train_transform)
     splits = {"val": make_dataset(args.val_dataset, transform=eval_transform)}
@@ -346,10 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     n_per_class = _parse_n_per_class(args.n_per_class)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_args = fitting.eval_model_args(args)
-    train_dataset, train_targets, splits, task = _datasets(args, model_args)
+    cfg, eval_transform = fitting.backbone_setup(args)
+    train_dataset, train_targets, splits, task = _datasets(args, eval_transform)
     fix_random_seeds(args.seed)
-    backbone = build_model_for_eval(get_eval_config(model_args), args.weights)
+    backbone = build_model_for_eval(cfg, args.weights)
     options = FinetuneOptions.from_args(args)
     lora = f"lora (rank {options.lora_rank}, alpha {options.lora_alpha})"
     info = {

@@ -19,17 +19,19 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from dinov2.data.transforms import ClassificationEvalTransform
+from dinov2.eval.setup import eval_config, eval_transform
 from dinov2.train.checkpointing import atomic_torch_save, load_torch_file
 from dinov2.utils.errors import UserError
 from dinov2.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
 from dinov2.utils.utils import CosineScheduler
 from vet_ext.lora import apply_lora, merge_lora
 
-EVAL_RESIZE_RATIO = 256 / 224  # upstream's evaluation resize -> centre crop ratio
 BEST_NAME, LAST_NAME = "best.pth", "last.pth"
 
 O = TypeVar("O", bound="FitOptions")
@@ -296,10 +298,9 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def eval_model_args(args: argparse.Namespace) -> argparse.Namespace:
-    """What `dinov2.eval.setup`'s config, model and transform helpers read, from a fitting command
-    line: its weights and configuration, and upstream's evaluation crop at `--image-size`."""
-    return argparse.Namespace(
-        config_file=args.config_file, pretrained_weights=args.weights, opts=[],
-        crop_size=args.image_size, resize_size=None, resize_ratio=EVAL_RESIZE_RATIO,
-    )
+def backbone_setup(args: argparse.Namespace) -> tuple[DictConfig | None, ClassificationEvalTransform]:
+    """The backbone's configuration (from `--config-file`, else the run that exported `--weights`,
+    else None: read from the weights) and upstream's evaluation crop at `--image-size`, normalised
+    as the backbone was trained: what a fitting command's model and validation images need."""
+    cfg = eval_config(args.config_file, args.weights)
+    return cfg, eval_transform(cfg, args.image_size)

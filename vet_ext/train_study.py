@@ -31,9 +31,10 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from dinov2.data.loaders import derive_seed, make_training_loader
+from dinov2.data.transforms import ClassificationEvalTransform
 from dinov2.eval.metrics import evaluate_predictions
 from dinov2.eval.results import write_results
-from dinov2.eval.setup import build_model_for_eval, get_eval_config, make_eval_transform
+from dinov2.eval.setup import build_model_for_eval
 from dinov2.eval.utils import autocast_context, model_device
 from dinov2.models.weights import read_weights_file
 from dinov2.train.ssl_meta_arch import SSLMetaArch
@@ -45,9 +46,9 @@ from vet_ext.fitting import (
     FitOptions,
     Trainer,
     add_fitting_arguments,
+    backbone_setup,
     best_epoch_note,
     check_fitting_arguments,
-    eval_model_args,
     fit,
     make_optimizer,
     trainable_backbone,
@@ -96,9 +97,10 @@ def _annotated(targets: np.ndarray) -> np.ndarray:
     return ~np.isnan(targets).all(axis=1)
 
 
-def load_study_data(args: argparse.Namespace, model_args: argparse.Namespace, options: StudyOptions) -> StudyData:
+def load_study_data(
+    args: argparse.Namespace, eval_transform: ClassificationEvalTransform, options: StudyOptions
+) -> StudyData:
     """Train (labelled studies, augmented), val and test (centre crops) and the unlabelled studies."""
-    eval_transform = make_eval_transform(model_args)
     train_transform = FinetuneTrainTransform(args.image_size, eval_transform.normalize)
     splits = {split: VetStudies(args.data, split=split, labels=args.labels) for split in ("train", "val", "test")}
     names = tuple(splits["train"].target_columns)
@@ -325,9 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     options = StudyOptions.from_args(args)
-    model_args = eval_model_args(args)
-    data = load_study_data(args, model_args, options)
-    cfg = get_eval_config(model_args)
+    cfg, eval_transform = backbone_setup(args)
+    data = load_study_data(args, eval_transform, options)
     if options.unlabeled_weight > 0 and cfg is None:
         raise UserError(
             f"--unlabeled-weight needs the pretraining configuration (heads, crops, masking) and {args.weights} "

@@ -7,6 +7,8 @@ import pathlib
 
 from omegaconf import DictConfig, OmegaConf
 
+from dinov2.extensions import load_extensions
+
 CONFIGS_DIR = pathlib.Path(__file__).parent.resolve()
 
 
@@ -47,7 +49,12 @@ def _leaf_keys(node: DictConfig, prefix: str = "") -> list[str]:
 
 
 def get_default_config() -> DictConfig:
-    """Every key a run may set: the shipped defaults plus those registered by extensions."""
+    """Every key a run may set: the shipped defaults plus those registered by extensions.
+
+    The installed extensions are loaded first (once per process), so no caller can get a default
+    config that lacks a plug-in's keys for having asked too early.
+    """
+    load_extensions()
     return OmegaConf.merge(dinov2_default_config, *(defaults for _, defaults in _extension_defaults))
 
 

@@ -1,7 +1,8 @@
 """Datasets, augmentation pipelines and loaders; importing the package registers the built-ins."""
 from dinov2.data.registry import (
+    DATASETS,
+    PIPELINES,
     Pipeline,
-    load_extensions,
     make_dataset,
     make_pipeline,
     parse_dataset_str,
@@ -19,12 +20,13 @@ from dinov2.data.transforms import ClassificationEvalTransform, ClassificationTr
 __all__ = [
     "ClassificationEvalTransform",
     "ClassificationTrainTransform",
+    "DATASETS",
     "DataAugmentationDINO",
+    "PIPELINES",
     "Pipeline",
     "SSLBatch",
     "SSLMasks",
     "SamplerType",
-    "load_extensions",
     "make_data_loader",
     "make_dataset",
     "make_pipeline",

@@ -14,11 +14,8 @@ import torch
 from omegaconf import DictConfig
 
 from dinov2.data.batch import SSLBatch, SSLMasks
-from dinov2.extensions import EXTENSIONS_GROUP, load_extensions  # noqa: F401 (re-exported)
 from dinov2.utils.errors import UserError
-
-_DATASETS: dict[str, Callable[..., Any]] = {}
-_PIPELINES: dict[str, Callable[[DictConfig], "Pipeline"]] = {}
+from dinov2.utils.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -53,24 +50,20 @@ class Pipeline:
         return self.on_device(moved) if self.on_device is not None else moved
 
 
-def register_dataset(name: str) -> Callable:
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
+PIPELINES: Registry[Callable[[DictConfig], Pipeline]] = Registry("pipeline")
+
+
+def register_dataset(name: str, *, replace: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: `factory(transform=..., target_transform=..., **string_kwargs)` serves `name`."""
-
-    def decorator(factory: Callable) -> Callable:
-        _DATASETS[name] = factory
-        return factory
-
-    return decorator
+    return DATASETS.register(name, replace=replace)
 
 
-def register_pipeline(name: str) -> Callable:
+def register_pipeline(
+    name: str, *, replace: bool = False
+) -> Callable[[Callable[[DictConfig], Pipeline]], Callable[[DictConfig], Pipeline]]:
     """Decorator: `builder(cfg) -> Pipeline` serves `train.pipeline: name`."""
-
-    def decorator(builder: Callable[[DictConfig], Pipeline]) -> Callable[[DictConfig], Pipeline]:
-        _PIPELINES[name] = builder
-        return builder
-
-    return decorator
+    return PIPELINES.register(name, replace=replace)
 
 
 def parse_dataset_str(dataset_str: str) -> tuple[str, dict[str, str | list[str]]]:
@@ -108,20 +101,12 @@ def _reject_unaccepted_keys(factory: Callable, name: str, dataset_str: str, kwar
 
 def make_dataset(dataset_str: str, transform: Callable | None = None, target_transform: Callable | None = None):
     """The dataset described by `dataset_str`; items are (image, target)."""
-    load_extensions()
     name, kwargs = parse_dataset_str(dataset_str)
-    factory = _DATASETS.get(name)
-    if factory is None:
-        raise UserError(f"unknown dataset '{name}' in '{dataset_str}'; known: {', '.join(sorted(_DATASETS))}")
+    factory = DATASETS.lookup(name, where=f" in '{dataset_str}'")
     _reject_unaccepted_keys(factory, name, dataset_str, kwargs)
     return factory(transform=transform, target_transform=target_transform, **kwargs)
 
 
 def make_pipeline(cfg: DictConfig) -> Pipeline:
     """The pipeline named by `cfg.train.pipeline`, built from `cfg`."""
-    load_extensions()
-    name = cfg.train.pipeline
-    builder = _PIPELINES.get(name)
-    if builder is None:
-        raise UserError(f"unknown train.pipeline '{name}'; known: {', '.join(sorted(_PIPELINES))}")
-    return builder(cfg)
+    return PIPELINES.lookup(cfg.train.pipeline, what="train.pipeline")(cfg)

@@ -24,12 +24,14 @@ from dinov2.fsdp import resolve_precision
 from dinov2.models import build_model_from_cfg
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.models.weights import infer_backbone_kwargs, load_backbone_weights, read_weights_file
-from dinov2.utils.config import get_cfg_from_args
+from dinov2.utils.config import get_cfg
 from dinov2.utils.errors import UserError
 from dinov2.utils.utils import fix_random_seeds
 from dinov2.logging import setup_logging
 
 logger = logging.getLogger("dinov2")
+
+UPSTREAM_RESIZE_RATIO = 256 / 224  # upstream's evaluation: resize to 256, centre crop 224
 
 
 def get_args_parser(
@@ -100,20 +102,28 @@ def _run_config_of(weights: Path) -> Path | None:
     return None
 
 
-def get_eval_config(args: argparse.Namespace) -> DictConfig | None:
+def eval_config(
+    config_file: str | None = None, pretrained_weights: str | None = None, opts: Sequence[str] = ()
+) -> DictConfig | None:
     """The model configuration, or None when the architecture is to be read from the weights."""
-    config_file = getattr(args, "config_file", None)
     if config_file:
-        config_file = resolve_config_file(config_file)
-    elif getattr(args, "pretrained_weights", None):
-        config_file = _run_config_of(Path(args.pretrained_weights))
-        if config_file is not None:
-            logger.info("using the exporting run's configuration %s", config_file)
-    if config_file is None:
-        if getattr(args, "opts", None):
+        path = resolve_config_file(config_file)
+    else:
+        path = _run_config_of(Path(pretrained_weights)) if pretrained_weights else None
+        if path is not None:
+            logger.info("using the exporting run's configuration %s", path)
+    if path is None:
+        if opts:
             raise UserError("--opts needs a model configuration (--config-file)")
         return None
-    return get_cfg_from_args(argparse.Namespace(config_file=str(config_file), opts=getattr(args, "opts", [])))
+    return get_cfg(path, opts)
+
+
+def get_eval_config(args: argparse.Namespace) -> DictConfig | None:
+    """`eval_config` from upstream's flags (`--config-file`, `--pretrained-weights`, `--opts`)."""
+    return eval_config(
+        getattr(args, "config_file", None), getattr(args, "pretrained_weights", None), getattr(args, "opts", None) or ()
+    )
 
 
 def get_autocast_dtype(cfg: DictConfig | None) -> torch.dtype:
@@ -170,11 +180,18 @@ def prepare_output_dir(args: argparse.Namespace) -> Path:
     return output_dir
 
 
-def make_eval_transform(args: argparse.Namespace) -> ClassificationEvalTransform:
-    """Upstream's resize + centre crop at `--crop-size`, normalised as the model was trained."""
-    cfg = get_eval_config(args)
+def eval_transform(
+    cfg: DictConfig | None, crop_size: int, resize_size: int | None = None, resize_ratio: float = UPSTREAM_RESIZE_RATIO
+) -> ClassificationEvalTransform:
+    """Upstream's resize + centre crop, normalised as the model was trained (ImageNet's statistics
+    without a configuration); the resize defaults to `crop_size * resize_ratio`."""
     mean, std = (tuple(cfg.crops.mean), tuple(cfg.crops.std)) if cfg is not None else (IMAGENET_MEAN, IMAGENET_STD)
-    resize = args.resize_size or int(round(args.crop_size * args.resize_ratio))
-    if args.crop_size <= 0 or resize < args.crop_size:
-        raise UserError(f"--crop-size {args.crop_size} must be positive and no larger than --resize-size {resize}")
-    return ClassificationEvalTransform(resize, args.crop_size, mean, std)
+    resize = resize_size or int(round(crop_size * resize_ratio))
+    if crop_size <= 0 or resize < crop_size:
+        raise UserError(f"--crop-size {crop_size} must be positive and no larger than --resize-size {resize}")
+    return ClassificationEvalTransform(resize, crop_size, mean, std)
+
+
+def make_eval_transform(args: argparse.Namespace) -> ClassificationEvalTransform:
+    """`eval_transform` for upstream's flags and those of `add_image_arguments`."""
+    return eval_transform(get_eval_config(args), args.crop_size, args.resize_size, args.resize_ratio)

@@ -1,5 +1,5 @@
 """Backbone construction from the `student` section of a training config."""
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dinov2.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer
@@ -14,15 +14,13 @@ def _option(args: Any, key: str) -> Any:
         raise UserError(f"config key student.{key} is missing") from None
 
 
-def _arch_factory(arch: str):
+def _arch_factory(arch: str) -> Callable[..., DinoVisionTransformer]:
+    """`student.arch` may leave out "vit_" and may keep upstream's "_memeff" suffix (the attention
+    backend is chosen by dinov2.layers here, not by the name), so configs written either way run."""
     name = arch.removesuffix("_memeff")
     if not name.startswith("vit_"):
         name = f"vit_{name}"
-    if name not in ARCHITECTURES:
-        raise UserError(
-            f"student.arch {arch!r} is not one of {sorted(ARCHITECTURES)} (optionally without 'vit_')"
-        )
-    return ARCHITECTURES[name]
+    return ARCHITECTURES.lookup(name, what="student.arch", where="" if name == arch else f" (given as '{arch}')")
 
 
 def build_model(

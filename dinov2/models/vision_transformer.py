@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from dinov2.layers import Block, Mlp, PatchEmbed, SwiGLUFFNFused
 from dinov2.utils.errors import UserError
+from dinov2.utils.registry import Registry
 
 FeatureDict = dict[str, Tensor | None]
 
@@ -283,32 +284,32 @@ def _vit(
     )
 
 
+# `student.arch` names; a plug-in (or a test) registers its own as `ARCHITECTURES.register(name, factory)`
+ARCHITECTURES: Registry[Callable[..., DinoVisionTransformer]] = Registry("architecture")
+
+
+@ARCHITECTURES.register("vit_tiny")
 def vit_tiny(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
     """ViT-Ti (DeiT's width 192, 3 heads): not released by DINOv2; for CPU demos and quick studies."""
     return _vit(192, 12, 3, patch_size, num_register_tokens, **kwargs)
 
 
+@ARCHITECTURES.register("vit_small")
 def vit_small(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
     return _vit(384, 12, 6, patch_size, num_register_tokens, **kwargs)
 
 
+@ARCHITECTURES.register("vit_base")
 def vit_base(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
     return _vit(768, 12, 12, patch_size, num_register_tokens, **kwargs)
 
 
+@ARCHITECTURES.register("vit_large")
 def vit_large(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
     return _vit(1024, 24, 16, patch_size, num_register_tokens, **kwargs)
 
 
+@ARCHITECTURES.register("vit_giant2")
 def vit_giant2(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
     """ViT-g/14 as in the DINOv2 paper: width 1536, 24 heads of 64."""
     return _vit(1536, 40, 24, patch_size, num_register_tokens, **kwargs)
-
-
-ARCHITECTURES: dict[str, Callable[..., DinoVisionTransformer]] = {
-    "vit_tiny": vit_tiny,
-    "vit_small": vit_small,
-    "vit_base": vit_base,
-    "vit_large": vit_large,
-    "vit_giant2": vit_giant2,
-}

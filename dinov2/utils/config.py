@@ -16,7 +16,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dinov2 import distributed
 from dinov2.configs import get_default_config
-from dinov2.extensions import load_extensions
 from dinov2.utils.errors import UserError
 from dinov2.utils.io import atomic_write_text
 from dinov2.utils.utils import fix_random_seeds
@@ -76,16 +75,23 @@ def _parse_opts(opts: Sequence[str]) -> DictConfig:
         raise UserError(f"invalid command-line override: {exc}") from exc
 
 
-def get_cfg_from_args(args: Namespace) -> DictConfig:
-    """Defaults (incl. installed extensions') <- `args.config_file` (if any) <- `args.opts` ("key=value")."""
-    load_extensions()
+def get_cfg(config_file: str | os.PathLike | None = None, opts: Sequence[str] = ()) -> DictConfig:
+    """Defaults (incl. installed extensions') <- `config_file` (if any) <- `opts` ("key=value").
+
+    Every command, test and bench builds its configuration here, so a key is checked the same way
+    wherever it is given.
+    """
     cfg = get_default_config()
-    if getattr(args, "config_file", None):
-        cfg = merge_strict(cfg, _load_config_file(args.config_file), f"from {args.config_file}")
-    opts = getattr(args, "opts", None) or []
+    if config_file:
+        cfg = merge_strict(cfg, _load_config_file(str(config_file)), f"from {config_file}")
     if opts:
         cfg = merge_strict(cfg, _parse_opts(opts), "from command line")
     return cfg
+
+
+def get_cfg_from_args(args: Namespace) -> DictConfig:
+    """`get_cfg` for upstream's argparse flags (`--config-file`, trailing `key=value` opts)."""
+    return get_cfg(getattr(args, "config_file", None), getattr(args, "opts", None) or ())
 
 
 def apply_scaling_rules_to_cfg(cfg: DictConfig) -> DictConfig:
@@ -103,21 +109,24 @@ def write_config(cfg: DictConfig, output_dir: str | os.PathLike, name: str = "co
     return atomic_write_text(pathlib.Path(output_dir) / name, OmegaConf.to_yaml(cfg))
 
 
-def default_setup(args: Namespace, cfg: DictConfig | None = None) -> None:
-    """Seed Python, NumPy and torch with `train.seed + rank` (ranks must not draw the same numbers)."""
-    if cfg is None:
-        cfg = get_cfg_from_args(args)
-    fix_random_seeds(cfg.train.seed + distributed.get_global_rank())
+def setup_run(
+    config_file: str | os.PathLike | None = None, opts: Sequence[str] = (), output_dir: str | os.PathLike | None = None
+) -> DictConfig:
+    """Everything a training run needs before building models: config, output directory (default
+    `train.output_dir`), seeds, learning rate scaled to the batch, config.yaml."""
+    cfg = get_cfg(config_file, opts)
+    resolved = pathlib.Path(output_dir or cfg.train.output_dir).resolve()
+    resolved.mkdir(parents=True, exist_ok=True)
+    cfg.train.output_dir = str(resolved)
+    fix_random_seeds(cfg.train.seed + distributed.get_global_rank())  # ranks must not draw the same numbers
+    apply_scaling_rules_to_cfg(cfg)
+    if distributed.is_main_process():
+        write_config(cfg, resolved)
+    return cfg
 
 
 def setup(args: Namespace) -> DictConfig:
-    """Everything a run needs before building models: config, output directory, seeds, config.yaml."""
-    cfg = get_cfg_from_args(args)
-    output_dir = pathlib.Path(getattr(args, "output_dir", None) or cfg.train.output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    cfg.train.output_dir = str(output_dir)
-    default_setup(args, cfg)
-    apply_scaling_rules_to_cfg(cfg)
-    if distributed.is_main_process():
-        write_config(cfg, output_dir)
-    return cfg
+    """`setup_run` for upstream's argparse flags (`--config-file`, `--output-dir`, trailing opts)."""
+    return setup_run(
+        getattr(args, "config_file", None), getattr(args, "opts", None) or (), getattr(args, "output_dir", None)
+    )

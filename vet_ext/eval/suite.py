@@ -39,8 +39,8 @@ from dinov2.eval.results import write_results
 from dinov2.eval.setup import (
     add_image_arguments,
     build_model_for_eval,
+    eval_config,
     get_autocast_dtype,
-    get_eval_config,
     make_eval_transform,
 )
 from dinov2.eval.utils import extract_features, label_names
@@ -90,13 +90,12 @@ def build_candidate(candidate: Candidate, args: argparse.Namespace) -> tuple[nn.
     """(frozen backbone in eval mode, autocast dtype), loaded strictly or randomly initialised (seeded)."""
     if candidate.weights is None:
         fix_random_seeds(args.seed)
-        model = ARCHITECTURES[candidate.arch](patch_size=args.patch_size, img_size=args.crop_size)
+        model = ARCHITECTURES.lookup(candidate.arch)(patch_size=args.patch_size, img_size=args.crop_size)
         model.eval().requires_grad_(False)
         if torch.cuda.is_available():
             model.cuda()
         return model, get_autocast_dtype(None)
-    model_args = argparse.Namespace(config_file=args.config_file, pretrained_weights=candidate.weights, opts=[])
-    cfg = get_eval_config(model_args)
+    cfg = eval_config(args.config_file, candidate.weights)
     return build_model_for_eval(cfg, candidate.weights), get_autocast_dtype(cfg)
 
 
@@ -181,8 +180,7 @@ def candidates(args: argparse.Namespace) -> list[Candidate]:
         raise UserError(f"{missing[0]}: weights file not found")
     result = [Candidate(name, weights, weights=weights) for name, weights in zip(names, args.weights)]
     if args.random_init:
-        if args.random_init not in ARCHITECTURES:
-            raise UserError(f"--random-init {args.random_init!r} is not one of {', '.join(sorted(ARCHITECTURES))}")
+        ARCHITECTURES.lookup(args.random_init, where=" (--random-init)")
         source = f"{args.random_init} with patch size {args.patch_size}, seed {args.seed}"
         result.append(Candidate(f"random {args.random_init}", source, arch=args.random_init))
     duplicated = sorted({c.name for c in result if [d.name for d in result].count(c.name) > 1})
@@ -244,10 +242,7 @@ def _split_data(args: argparse.Namespace, split: str, transform) -> tuple[str, A
 
 def _rows(args: argparse.Namespace, plan: list[Candidate]) -> Iterator[tuple[dict[str, Any], dict[str, list[dict]]]]:
     """Each candidate's row and details, one model in memory at a time."""
-    model_args = argparse.Namespace(config_file=args.config_file, pretrained_weights=None, opts=[], **{
-        key: getattr(args, key) for key in ("crop_size", "resize_size", "resize_ratio")
-    })
-    transform = make_eval_transform(model_args)
+    transform = make_eval_transform(args)
     train_str, train_dataset = _split_data(args, "train", transform)
     val_str, val_dataset = _split_data(args, "val", transform)
     study_ids, view_codes = study_views(val_dataset, val_str)

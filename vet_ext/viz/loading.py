@@ -7,7 +7,6 @@ prepared DATA folder or from loose DICOM files, so both become the same list of 
 """
 from __future__ import annotations
 
-from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +22,7 @@ from dinov2.models.vision_transformer import ARCHITECTURES, DinoVisionTransforme
 from dinov2.models.weights import (
     extract_backbone_state_dict, infer_backbone_kwargs, load_backbone_weights, read_weights_file,
 )  # fmt: skip
-from dinov2.utils.config import get_cfg_from_args
+from dinov2.utils.config import get_cfg
 from dinov2.utils.errors import UserError
 from vet_ext.cache import SPLITS
 from vet_ext.dicom import DicomError, read_dicom
@@ -153,11 +152,6 @@ def run_config_path(weights: Path, stored: dict[str, Any]) -> Path | None:
     return candidate if candidate is not None and candidate.is_file() else None
 
 
-def load_config(path: str | Path) -> DictConfig:
-    """Defaults merged with the file, refusing unknown keys, exactly as training read it."""
-    return get_cfg_from_args(Namespace(config_file=str(path), opts=[]))
-
-
 def _from_config(cfg: DictConfig, arch: str | None = None) -> DinoVisionTransformer:
     student = OmegaConf.to_container(cfg.student, resolve=True)
     if arch is not None:
@@ -176,16 +170,12 @@ def _normalisation(cfg: DictConfig | None) -> dict[str, tuple[float, ...]]:
 
 def _random_model(arch: str, cfg: DictConfig | None) -> DinoVisionTransformer:
     name = arch if arch.startswith("vit_") else f"vit_{arch}"
-    if name not in ARCHITECTURES:
-        raise UserError(
-            f"--weights {RANDOM_PREFIX}{arch}: unknown architecture; use one of "
-            + ", ".join(f"{RANDOM_PREFIX}{known}" for known in ARCHITECTURES)
-        )
+    factory = ARCHITECTURES.lookup(name, where=f" in --weights {RANDOM_PREFIX}{arch}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         if cfg is not None:
             return _from_config(cfg, arch=name)
-        return ARCHITECTURES[name](**HUB_SETTINGS)
+        return factory(**HUB_SETTINGS)
 
 
 def _from_keys(stored: dict[str, Any], source: str) -> DinoVisionTransformer:
@@ -207,7 +197,7 @@ def load_checkpoint(
     The architecture comes from `config_file` if given, else from the config.yaml of the run
     that wrote the file, else from the file's keys (released backbones).
     """
-    cfg = load_config(config_file) if config_file else None
+    cfg = get_cfg(config_file) if config_file else None
     if spec.startswith(RANDOM_PREFIX):
         model = _random_model(spec[len(RANDOM_PREFIX):], cfg)
         config_used = config_file
@@ -217,7 +207,7 @@ def load_checkpoint(
         extract_backbone_state_dict(stored, source=str(path))  # a clear error before building anything
         if cfg is None:
             run_config = run_config_path(path, stored)
-            cfg = load_config(run_config) if run_config is not None else None
+            cfg = get_cfg(run_config) if run_config is not None else None
             config_used = str(run_config) if run_config is not None else None
         else:
             config_used = config_file
