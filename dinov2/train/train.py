@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
@@ -41,18 +40,19 @@ from dinov2.fsdp import (
     resolve_precision,
     resolve_strategy,
     set_training_state,
-    unwrap,
 )
 from dinov2.logging import setup_logging
 from dinov2.logging.metrics import MetricsLog
 from dinov2.train.checkpointing import Checkpointer, export_teacher, load_torch_file
+from dinov2.train.compile import compile_blocks
 from dinov2.train.monitors import CollapseWatch
+from dinov2.train.optimizer import apply_schedules, build_optimizer
 from dinov2.train.schedules import build_schedules
 from dinov2.train.ssl_meta_arch import SSLMetaArch, check_masks_on_teacher_rows
+from dinov2.train.stop_signal import StopSignal
 from dinov2.utils.cli import ConfigArgumentParser, run_cli
 from dinov2.utils.config import setup
 from dinov2.utils.errors import UserError
-from dinov2.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
 
 logger = logging.getLogger("dinov2")
 
@@ -80,35 +80,6 @@ class StepResult(NamedTuple):
     monitors: dict[str, torch.Tensor]  # collapse monitors (dinov2.train.monitors), still on the device
 
 
-class StopSignal:
-    """Signals that ask the run to save a checkpoint after the current iteration and stop.
-
-    The handler only raises a flag: saving inside a signal handler, between two collectives of
-    an iteration, would deadlock the other ranks. The handlers that were installed before (e.g.
-    submitit's requeue on SLURM's time-limit warning) are kept for `forward`.
-    """
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1,)) -> None:
-        self.received: int | None = None
-        self._previous = {signum: signal.signal(signum, self._handle) for signum in signals}
-
-    def _handle(self, signum: int, frame) -> None:
-        self.received = signum
-
-    def is_set(self) -> bool:
-        return self.received is not None
-
-    def forward(self) -> None:
-        """Hand the received signal to the handler that was installed before this one."""
-        previous = self._previous.get(self.received)
-        if callable(previous):
-            previous(self.received, None)
-
-    def restore(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-
-
 class Trainer:
     """One run: the model, its optimizer, schedules and checkpoints, on one device."""
 
@@ -118,14 +89,14 @@ class Trainer:
         self.device = _training_device(cfg.train.device)
         self.model = SSLMetaArch(cfg).to(self.device)
         if cfg.train.compile:
-            compile_blocks(self.model)
+            compile_blocks(self.model.student, self.model.teacher)
         if cfg.train.distributed_strategy in ("ddp", "fsdp"):
             distributed.enable(single_process=True)  # a named strategy wraps even a single process
         self.strategy = resolve_strategy(cfg.train.distributed_strategy, self.device)
         self.precision = resolve_precision(cfg.compute_precision, self.device)
         logger.info("precision: %s", self.precision)
         distribute(self.model, self.strategy, cfg.compute_precision, self.device, self.precision)
-        self.optimizer = self._build_optimizer()
+        self.optimizer = build_optimizer(self.model.student, cfg.optim, self.device)
         self.schedules = build_schedules(cfg)
         self.scaler = self.precision.make_scaler()
         self.collapse_watch = CollapseWatch(cfg.train.collapse_warning_iterations)
@@ -133,26 +104,6 @@ class Trainer:
         self.max_iter = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
         period = cfg.train.checkpoint_period_iterations or 3 * cfg.train.OFFICIAL_EPOCH_LENGTH
         self.checkpoint_period = period
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        groups = []
-        for module in self.model.student.values():
-            groups += get_params_groups_with_decay(
-                unwrap(module),
-                lr_decay_rate=self.cfg.optim.layerwise_decay,
-                patch_embed_lr_mult=self.cfg.optim.patch_embed_lr_mult,
-            )
-        merged = list(fuse_params_groups(groups))
-        betas = (self.cfg.optim.adamw_beta1, self.cfg.optim.adamw_beta2)
-        optimizer = torch.optim.AdamW(merged, betas=betas, fused=_use_fused_adamw(self.cfg.optim.fused_adamw, self.device))
-        _create_fresh_state(optimizer)
-        return optimizer
-
-    def _apply_schedules(self, values: dict[str, float]) -> None:
-        for group in self.optimizer.param_groups:
-            group["weight_decay"] = values["wd"] * group["wd_multiplier"]
-            base = values["last_layer_lr"] if group["is_last_layer"] else values["lr"]
-            group["lr"] = base * group["lr_multiplier"]
 
     # ------------------------------------------------------------------------------ checkpoints
     @property
@@ -233,7 +184,7 @@ class Trainer:
         overflows by design, skips those updates inside `scaler.step` and lowers its scale, so only
         a non-finite loss counts. Without one, a non-finite clipped gradient norm counts too.
         """
-        self._apply_schedules(values)
+        apply_schedules(self.optimizer, values)
         self.optimizer.zero_grad(set_to_none=True)
         with self.precision.autocast():
             total, loss_dict, monitors = self.model.compute_losses(
@@ -343,54 +294,6 @@ class Trainer:
                     break
         done = (stopped_at + 1 if stopped_at is not None else self.max_iter) - start_iter
         return {"iterations": done, "nonfinite_steps": nonfinite_total, "last_checkpoint": str(last_saved), "stopped_at": stopped_at}
-
-
-def compile_blocks(model: SSLMetaArch) -> None:
-    """torch.compile every transformer block of student and teacher, in place, before they are wrapped.
-
-    The block's tensor forward is compiled, not the module call, so hooks added later (FSDP2's
-    all-gathers) stay outside the graphs; keys and checkpoints are unchanged. Blocks alike share
-    their graphs (one per crop size and grad mode: 3 for a whole ViT with uniform drop path), but
-    a per-block drop-path rate is a constant of its graph, so the recompile limit is raised to
-    keep every block compiled rather than let later ones fall back to eager.
-    """
-    blocks = [block for modules in (model.student, model.teacher) for block in modules["backbone"].iter_blocks()]
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
-    for block in blocks:
-        block.forward_tensor = torch.compile(block.forward_tensor)
-
-
-@torch.no_grad()
-def _create_fresh_state(optimizer: torch.optim.Optimizer) -> None:
-    """Give every parameter its optimizer state now, equal to the state its first step would create.
-
-    AdamW creates a parameter's state at its first gradient, so a checkpoint saved while some
-    parameters have had none (the frozen backbone of a head warm-up) would lack their state, and
-    resuming it would fail the strict load or, worse, resume with states made up by the loader.
-    The optimizer's own step makes the state (right dtypes and devices, fused or not), with zero
-    gradients and a zero learning rate; resetting the step count leaves it indistinguishable
-    from a state not yet created.
-    """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    learning_rates = [group["lr"] for group in optimizer.param_groups]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-    optimizer.step()
-    for group, lr in zip(optimizer.param_groups, learning_rates):
-        group["lr"] = lr
-    for p in params:
-        p.grad = None
-        optimizer.state[p]["step"].zero_()
-
-
-def _use_fused_adamw(setting, device: torch.device) -> bool:
-    if setting == "auto":
-        return device.type == "cuda"
-    if isinstance(setting, bool):
-        return setting
-    raise UserError(f"config key optim.fused_adamw must be auto, true or false, got {setting!r}")
 
 
 def _load_strict(module: torch.nn.Module, state: dict, what: str) -> None:

@@ -29,10 +29,11 @@ class Trainer:
 
     def __call__(self) -> dict:
         from dinov2.train import train as training  # imported in the job, not at submission
+        from dinov2.train.stop_signal import StopSignal
 
         args = self._args_for_this_job()
         preempt_signal = getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}")
-        stop = training.StopSignal((signal.SIGUSR1, preempt_signal))
+        stop = StopSignal((signal.SIGUSR1, preempt_signal))
         try:
             summary = training.run(args, stop)
         finally:
