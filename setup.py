@@ -35,6 +35,6 @@ setup(
         "dev": ["pytest", "pytest-timeout"],
     },
     entry_points={
-        "dinov2.extensions": ["vet_ext = vet_ext.registration:register"],
+        "dinov2.extensions": ["vet_ext = vet_ext.plugins:register"],
     },
 )

@@ -33,7 +33,7 @@ from dinov2.eval.results import write_results
 from dinov2.utils.cli import run_cli
 from dinov2.utils.config import get_cfg
 from dinov2.utils.errors import UserError
-from vet_ext.augment import GLOBAL_CROPS_PER_VIEW
+from vet_ext.pretraining.augment import GLOBAL_CROPS_PER_VIEW
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "vetdino" / "multiview_vitb14.yaml"

@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from machine import cpu_model  # bench/machine.py
-from vet_ext.cache import FORMAT_VERSION, MANIFEST_NAME, SCHEMA_METADATA_KEY, SPLITS
-from vet_ext.studies import VetImages, VetStudies
-from vet_ext.views import VIEW_CODES
+from vet_ext.ingestion.cache import FORMAT_VERSION, MANIFEST_NAME, SCHEMA_METADATA_KEY, SPLITS
+from vet_ext.pretraining.datasets import VetImages, VetStudies
+from vet_ext.ingestion.views import VIEW_CODES
 
 LABELS = ("cardiomegaly", "pleural_effusion", "mass", "fracture")
 

@@ -1,8 +1,8 @@
 """Benchmark: prepare throughput on full-size DX radiographs (2048 x 2560, 16-bit).
 
-Decoding is the one cost of `vet_ext.prepare` that scales with the archive, so this measures
+Decoding is the one cost of `vet_ext.ingestion.prepare` that scales with the archive, so this measures
 images per second for --workers 1 and 2 on uncompressed files and on JPEG Lossless (process 14)
-files, the common archive syntax (encoded by the project's own writer, `vet_ext.dicom_write`).
+files, the common archive syntax (encoded by the project's own writer, `vet_ext.ingestion.dicom_write`).
 Files are copies of one synthetic image with new UIDs, so every file costs the same to decode.
 Target: >= 15 images/s per core, uncompressed.
 
@@ -23,8 +23,8 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1
 
 from machine import cpu_model  # bench/machine.py
-from vet_ext.dicom_write import write_dicom
-from vet_ext.prepare import PrepareConfig, prepare
+from vet_ext.ingestion.dicom_write import write_dicom
+from vet_ext.ingestion.prepare import PrepareConfig, prepare
 
 ROWS, COLUMNS = 2560, 2048
 TARGET_PER_CORE = 15.0

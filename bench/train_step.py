@@ -6,7 +6,7 @@ step, EMA update -- on a synthetic batch that already sits on the device, shaped
 collate (so iBOT masks and the teacher's rows are those of a real batch). After warm-up every
 iteration is timed between two device synchronisations; the median is reported with images/s,
 studies/s, crops/s and peak memory. Model FLOPs per step are counted analytically
-(`dinov2.utils.flops`: nominal, and executed after stochastic depth's skipped samples) and divided
+(`dinov2.train.flops`: nominal, and executed after stochastic depth's skipped samples) and divided
 by the bf16 matmul rate measured on the same device in the same run: MFU.
 
 Layouts: multi-view (per study: student 4 global + 2 x L local crops, teacher the 2 global crops
@@ -50,7 +50,7 @@ from dinov2.train.train import Trainer  # noqa: E402
 from dinov2.utils.cli import ConfigArgumentParser, run_cli  # noqa: E402
 from dinov2.utils.config import apply_scaling_rules_to_cfg, merge_strict  # noqa: E402
 from dinov2.utils.errors import UserError  # noqa: E402
-from dinov2.utils.flops import CropGroup, StepShape, training_step_flops  # noqa: E402
+from dinov2.train.flops import CropGroup, StepShape, training_step_flops  # noqa: E402
 from dinov2.utils.io import atomic_write  # noqa: E402
 
 # upstream's training settings at patch 14 (the anchors' configuration); bf16 is added on the GPU

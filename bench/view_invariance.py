@@ -4,7 +4,7 @@ Trains VET-DINO (multi-view) and plain DINOv2 (single-view) with the same budget
 studies -- same iterations, same crops per step (the single-view batch holds twice as many
 images, each giving one view's crops) and the same learning rate -- then compares both with the
 untrained network on cross-view retrieval (for each image, is the nearest image of another view
-from the same study?) and k-NN on the findings, through `vet_ext.eval.suite`.
+from the same study?) and k-NN on the findings, through `vet_ext.downstream.eval.suite`.
 
 With `--init PATH` (a released backbone or a teacher export) it also trains twice from that
 initialisation, with and without head warm-up, and scores k-NN on teacher exports taken every
@@ -36,7 +36,7 @@ from dinov2.utils.cli import ConfigArgumentParser, run_cli  # noqa: E402
 from dinov2.utils.config import setup_run  # noqa: E402
 from dinov2.utils.io import atomic_write  # noqa: E402
 from vet_ext import demo  # noqa: E402
-from vet_ext.eval import suite  # noqa: E402
+from vet_ext.downstream.eval import suite  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -145,8 +145,8 @@ def one_thread():
 def phantom_data(tmp_path_factory) -> Path:
     """12 phantom studies (1 to 4 views each) at 128 px, all in train: prepared once for every
     test of the session that trains on studies."""
-    from vet_ext.phantoms import generate_studies
-    from vet_ext.prepare import PrepareConfig, prepare
+    from vet_ext.ingestion.phantoms import generate_studies
+    from vet_ext.ingestion.prepare import PrepareConfig, prepare
 
     root = tmp_path_factory.mktemp("phantoms")
     generate_studies(root / "RAW", n_studies=12, seed=1, size=128, workers=1)  # seed 1: two 1-view studies

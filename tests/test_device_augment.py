@@ -18,8 +18,8 @@ from dinov2.data.loaders import make_training_loader
 from dinov2.data.transforms import Normalize, adjust_brightness, gaussian_blur, resized_crop
 from dinov2.train import train as train_module
 from dinov2.utils.config import get_cfg, setup
-from vet_ext import crop_render
-from vet_ext.crop_render import BRIGHTNESS, CONTRAST, CropGroupPlan, render_crops, resize_crops_matmul
+from vet_ext.pretraining import crop_render
+from vet_ext.pretraining.crop_render import BRIGHTNESS, CONTRAST, CropGroupPlan, render_crops, resize_crops_matmul
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

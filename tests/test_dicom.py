@@ -21,8 +21,8 @@ from pydicom.uid import (
 )
 
 from dinov2.utils.errors import UserError
-from vet_ext.dicom import VIEW_CODES, DicomError, read_dicom, read_metadata
-from vet_ext.dicom_write import encode_jpeg_lossless, make_dx_dataset, write_dicom
+from vet_ext.ingestion.dicom import VIEW_CODES, DicomError, read_dicom, read_metadata
+from vet_ext.ingestion.dicom_write import encode_jpeg_lossless, make_dx_dataset, write_dicom
 
 
 def _dataset(pixels, *, photometric="MONOCHROME2", bits_stored=None, syntax=ExplicitVRLittleEndian, view="LL", **meta):

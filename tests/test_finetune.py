@@ -10,8 +10,8 @@ from PIL import Image
 from dinov2.models.weights import extract_backbone_state_dict, load_backbone_weights
 from conftest import cli_error
 from test_suite import data  # noqa: F401 - prepared two-view studies with two findings
-from vet_ext import finetune
-from vet_ext.finetune import (
+from vet_ext.downstream import finetune
+from vet_ext.downstream.finetune import (
     FinetuneOptions,
     Task,
     build_classifier,
@@ -20,7 +20,7 @@ from vet_ext.finetune import (
     sample_per_label,
 )
 from tiny import INFERRED_HEADS, make_tiny_vit
-from vet_ext.fitting import make_optimizer
+from vet_ext.downstream.fitting import make_optimizer
 
 DEPTH = 2
 

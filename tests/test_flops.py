@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dinov2.configs import get_default_config
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.utils.flops import CropGroup, StepShape, backbone_forward_flops, head_flops, training_step_flops
+from dinov2.train.flops import CropGroup, StepShape, backbone_forward_flops, head_flops, training_step_flops
 
 
 def _cfg(**overrides):

@@ -6,7 +6,7 @@ from torch import nn
 from dinov2.models.weights import load_backbone_weights
 from dinov2.utils.errors import UserError
 from tiny import make_tiny_vit
-from vet_ext.lora import LoRALinear, apply_lora, lora_parameters, merge_lora
+from vet_ext.downstream.lora import LoRALinear, apply_lora, lora_parameters, merge_lora
 
 
 def tiny_vit(block_chunks: int = 1):

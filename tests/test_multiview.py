@@ -12,8 +12,8 @@ from dinov2.data import make_pipeline
 from dinov2.train.ssl_meta_arch import CropLayout, SSLMetaArch
 from dinov2.utils.config import get_cfg
 from dinov2.utils.errors import UserError
-from vet_ext.augment import MultiViewAugmentation
-from vet_ext.multiview import select_studies
+from vet_ext.pretraining.augment import MultiViewAugmentation
+from vet_ext.pretraining.pipelines import select_studies
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs" / "vetdino").glob("*.yaml"))

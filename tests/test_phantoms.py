@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import single_error_line
-from vet_ext.dicom import read_dicom
-from vet_ext.phantoms import (
+from vet_ext.ingestion.dicom import read_dicom
+from vet_ext.ingestion.phantoms import (
     FINDINGS,
     LATERAL,
     MU_BONE,

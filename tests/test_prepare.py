@@ -15,11 +15,11 @@ from PIL import Image
 
 from conftest import cli_error
 from dinov2.utils.errors import UserError
-from vet_ext.cache import ShardReader, ShardWriter, read_records, shard_path, to_cache_image
-from vet_ext.dicom import read_dicom
-from vet_ext.dicom_write import write_dicom
-from vet_ext.phantoms import generate_studies
-from vet_ext.prepare import KILL_HOOK_ENV, PrepareConfig, assign_split, main, prepare
+from vet_ext.ingestion.cache import ShardReader, ShardWriter, read_records, shard_path, to_cache_image
+from vet_ext.ingestion.dicom import read_dicom
+from vet_ext.ingestion.dicom_write import write_dicom
+from vet_ext.ingestion.phantoms import generate_studies
+from vet_ext.ingestion.prepare import KILL_HOOK_ENV, PrepareConfig, assign_split, main, prepare
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 CACHE_SIZE = 64
@@ -331,7 +331,7 @@ def run_and_kill(raw: Path, out: Path, kill_after: int, **settings) -> None:
     """prepare() in a child process that SIGKILLs itself after writing file `kill_after`'s bytes."""
     settings = dict(out=out, dicom_root=raw, labels=raw / "labels.csv", cache_size=CACHE_SIZE, workers=1, progress=False, **settings)
     arguments = ", ".join(f"{k}={v!r}" for k, v in settings.items()).replace("PosixPath", "Path")
-    script = f"from pathlib import Path; from vet_ext.prepare import PrepareConfig, prepare; prepare(PrepareConfig({arguments}))"
+    script = f"from pathlib import Path; from vet_ext.ingestion.prepare import PrepareConfig, prepare; prepare(PrepareConfig({arguments}))"
     killed = subprocess.run([sys.executable, "-c", script], env={**os.environ, KILL_HOOK_ENV: str(kill_after)}, capture_output=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
 

@@ -97,7 +97,7 @@ def test_scope_undoes_registrations_and_replacements():
 def test_listing_includes_the_extensions_entries():
     assert {"VetStudies", "VetImages", "ImageFolder", "Synthetic"} <= set(DATASETS.names())
     assert {"dino", "multiview", "multiview_device"} <= set(PIPELINES.names())
-    assert DATASETS.owner("VetStudies") == "vet_ext.studies" and PIPELINES.owner("multiview") == "vet_ext.multiview"
+    assert DATASETS.owner("VetStudies") == "vet_ext.pretraining.datasets" and PIPELINES.owner("multiview") == "vet_ext.pretraining.pipelines"
 
 
 def test_list_command_prints_every_registry_with_owners(capsys):
@@ -105,8 +105,8 @@ def test_list_command_prints_every_registry_with_owners(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "architectures (student.arch):"
     assert any(line.split() == ["vit_small", "dinov2.models.vision_transformer"] for line in lines)
-    assert any(line.split() == ["VetStudies", "vet_ext.studies"] for line in lines)
-    assert any(line.split() == ["multiview", "vet_ext.multiview"] for line in lines)
+    assert any(line.split() == ["VetStudies", "vet_ext.pretraining.datasets"] for line in lines)
+    assert any(line.split() == ["multiview", "vet_ext.pretraining.pipelines"] for line in lines)
     assert lines[-1].startswith("registered, installed extensions included: 5 architectures, ")
 
 

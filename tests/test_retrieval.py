@@ -12,8 +12,8 @@ from dinov2.data import make_dataset
 from dinov2.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 from dinov2.data.transforms import ClassificationEvalTransform
 from test_suite import data, released_tiny_vit  # noqa: F401 - the prepared two-view studies fixture
-from vet_ext.eval import retrieval
-from vet_ext.eval.retrieval import cross_view_retrieval
+from vet_ext.downstream.eval import retrieval
+from vet_ext.downstream.eval.retrieval import cross_view_retrieval
 
 VIEWS = ("LL", "VD", "RL")
 

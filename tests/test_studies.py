@@ -10,11 +10,11 @@ import torch
 from dinov2.data.registry import make_dataset
 from dinov2.utils.errors import UserError
 from test_prepare import CACHE_SIZE, LABELS, config, make_tree
-from vet_ext.cache import to_cache_image
-from vet_ext.dicom import read_dicom
-from vet_ext.prepare import prepare
-from vet_ext.studies import VetImages, VetStudies
-from vet_ext.views import VIEW_CODES
+from vet_ext.ingestion.cache import to_cache_image
+from vet_ext.ingestion.dicom import read_dicom
+from vet_ext.ingestion.prepare import prepare
+from vet_ext.pretraining.datasets import VetImages, VetStudies
+from vet_ext.ingestion.views import VIEW_CODES
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from tiny import make_tiny_vit
-from vet_ext.finetune import Task, classification_loss
-from vet_ext.lora import LoRALinear
-from vet_ext.study_data import ALL_VIEWS, ONE_VIEW_DROPPED, SINGLE_VIEW, collate_studies, drop_views, view_subsets
-from vet_ext.study_model import ImageLevelBaseline, StudyEncoder
-from vet_ext.train_study import STUDY, StudyOptions, make_optimizer, trainable_model
-from vet_ext.views import VIEW_CODES
+from vet_ext.downstream.finetune import Task, classification_loss
+from vet_ext.downstream.lora import LoRALinear
+from vet_ext.downstream.study_data import ALL_VIEWS, ONE_VIEW_DROPPED, SINGLE_VIEW, collate_studies, drop_views, view_subsets
+from vet_ext.downstream.study_model import ImageLevelBaseline, StudyEncoder
+from vet_ext.downstream.train_study import STUDY, StudyOptions, make_optimizer, trainable_model
+from vet_ext.ingestion.views import VIEW_CODES
 
 N_LABELS = 3
 SIZE = 32

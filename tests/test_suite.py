@@ -13,8 +13,8 @@ from dinov2.data import make_dataset
 from dinov2.eval.knn import eval_knn
 from dinov2.eval.utils import extract_features
 from tiny import INFERRED_HEADS, make_tiny_vit
-from vet_ext.eval import retrieval, suite
-from vet_ext.prepare import PrepareConfig, prepare
+from vet_ext.downstream.eval import retrieval, suite
+from vet_ext.ingestion.prepare import PrepareConfig, prepare
 
 LABELS = ("mass", "effusion")
 N_STUDIES = 24

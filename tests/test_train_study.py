@@ -12,10 +12,10 @@ from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.config import get_cfg, write_config
 from conftest import cli_error
 from tiny import INFERRED_HEADS, TINY_ARCH, make_tiny_vit
-from vet_ext import train_study
-from vet_ext.phantoms import generate_studies
-from vet_ext.prepare import PrepareConfig, prepare
-from vet_ext.study_data import CONDITIONS
+from vet_ext.downstream import train_study
+from vet_ext.ingestion.phantoms import generate_studies
+from vet_ext.ingestion.prepare import PrepareConfig, prepare
+from vet_ext.downstream.study_data import CONDITIONS
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = TINY_ARCH

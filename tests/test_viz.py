@@ -1,4 +1,4 @@
-"""vet_ext.viz: attention probabilities, known-answer attention, patch similarity, PCA, figures, CLI."""
+"""vet_ext.downstream.viz: attention probabilities, known-answer attention, patch similarity, PCA, figures, CLI."""
 import json
 import subprocess
 import sys
@@ -14,17 +14,17 @@ from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.utils.config import get_cfg, write_config
 from dinov2.utils.errors import UserError
 from tiny import make_tiny_vit
-from vet_ext.dicom import read_dicom
-from vet_ext.phantoms import generate_studies
-from vet_ext.prepare import PrepareConfig, prepare
-from vet_ext.studies import VetStudies
-from vet_ext.viz import attention_maps, last_block_attention, mass_mask, pca_rgb
-from vet_ext.viz.__main__ import main
-from vet_ext.viz.attention import GRID_PANEL_PX, OVERLAY_PANEL_PX, top_heads, write_attention_grid
-from vet_ext.viz.figures import GAP_PX, LABEL_PX, TITLE_PX, PanelGrid, show_gray
-from vet_ext.viz.loading import View, load_checkpoint, model_input_size
-from vet_ext.viz.similarity import PANEL_PX as SIMILARITY_PANEL_PX
-from vet_ext.viz.similarity import anchor_patch, cosine_similarity_map, top_k_patches
+from vet_ext.ingestion.dicom import read_dicom
+from vet_ext.ingestion.phantoms import generate_studies
+from vet_ext.ingestion.prepare import PrepareConfig, prepare
+from vet_ext.pretraining.datasets import VetStudies
+from vet_ext.downstream.viz import attention_maps, last_block_attention, mass_mask, pca_rgb
+from vet_ext.downstream.viz.__main__ import main
+from vet_ext.downstream.viz.attention import GRID_PANEL_PX, OVERLAY_PANEL_PX, top_heads, write_attention_grid
+from vet_ext.downstream.viz.figures import GAP_PX, LABEL_PX, TITLE_PX, PanelGrid, show_gray
+from vet_ext.downstream.viz.loading import View, load_checkpoint, model_input_size
+from vet_ext.downstream.viz.similarity import PANEL_PX as SIMILARITY_PANEL_PX
+from vet_ext.downstream.viz.similarity import anchor_patch, cosine_similarity_map, top_k_patches
 
 REPO = Path(__file__).resolve().parents[1]
 

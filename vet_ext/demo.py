@@ -31,9 +31,9 @@ from dinov2.train.train import Trainer  # noqa: E402
 from dinov2.utils.cli import ConfigArgumentParser, run_cli  # noqa: E402
 from dinov2.utils.config import setup_run  # noqa: E402
 from dinov2.utils.io import atomic_write, atomic_write_text  # noqa: E402
-from vet_ext.phantoms import generate_studies  # noqa: E402
-from vet_ext.prepare import PrepareConfig, prepare  # noqa: E402
-from vet_ext.viz.__main__ import main as viz_main  # noqa: E402
+from vet_ext.ingestion.phantoms import generate_studies  # noqa: E402
+from vet_ext.ingestion.prepare import PrepareConfig, prepare  # noqa: E402
+from vet_ext.downstream.viz.__main__ import main as viz_main  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "vetdino"
 KNN_K = 20

@@ -1,7 +1,7 @@
 """Study models scored as a clinic meets studies: with all views, one view missing, a single view.
 
 A study-level prediction is only useful if it holds up when a view is missing, so every study is
-scored under each condition of `vet_ext.study_data.CONDITIONS`. View features are computed once
+scored under each condition of `vet_ext.downstream.study_data.CONDITIONS`. View features are computed once
 per study and only the cheap fusion and head run per view subset.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from dinov2.eval.metrics import evaluate_predictions
 from dinov2.eval.utils import autocast_context, model_device
-from vet_ext.fitting import FitOptions
-from vet_ext.study_data import CONDITIONS, StudyViews, collate_studies, view_subsets
+from vet_ext.downstream.fitting import FitOptions
+from vet_ext.downstream.study_data import CONDITIONS, StudyViews, collate_studies, view_subsets
 
 
 @torch.no_grad()

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dinov2.utils.errors import UserError
-from vet_ext.viz.figures import PanelGrid, set_title, show_gray, show_map
-from vet_ext.viz.loading import Checkpoint, View
+from vet_ext.downstream.viz.figures import PanelGrid, set_title, show_gray, show_map
+from vet_ext.downstream.viz.loading import Checkpoint, View
 
 PANEL_PX = 256
 FIGURE_FILE = "pca.png"

@@ -32,8 +32,8 @@ from tqdm import tqdm
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
 from dinov2.utils.io import atomic_write_text
-from vet_ext.dicom_write import write_dicom
-from vet_ext.views import VIEW_CODE_ITEMS
+from vet_ext.ingestion.dicom_write import write_dicom
+from vet_ext.ingestion.views import VIEW_CODE_ITEMS
 
 # --- materials: effective linear attenuation per mm at a ~60 keV spectrum --------------------
 MU_SOFT = 0.020

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.utils.errors import UserError
-from vet_ext.viz.figures import PanelGrid, distinct_colors, set_title, show_gray, show_map, show_mask
-from vet_ext.viz.loading import Checkpoint, View
+from vet_ext.downstream.viz.figures import PanelGrid, distinct_colors, set_title, show_gray, show_map, show_mask
+from vet_ext.downstream.viz.loading import Checkpoint, View
 
 GRID_PANEL_PX = 160
 OVERLAY_PANEL_PX = 320

@@ -6,7 +6,7 @@ their `register_dataset` decorators, so "VetStudies:root=DATA" resolves in any d
 
 
 def register() -> None:
-    import vet_ext.studies  # noqa: F401 - imported for its registrations
-    import vet_ext.multiview  # noqa: F401 - imported for its registrations
+    import vet_ext.pretraining.datasets  # noqa: F401 - imported for its registrations
+    import vet_ext.pretraining.pipelines  # noqa: F401 - imported for its registrations
 
 

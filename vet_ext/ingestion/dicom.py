@@ -21,7 +21,7 @@ from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 from pydicom.pixels.processing import apply_voi
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from vet_ext.views import VIEW_CODES, derive_view
+from vet_ext.ingestion.views import VIEW_CODES, derive_view
 
 __all__ = ["VIEW_CODES", "DicomError", "DicomImage", "read_dicom", "read_metadata"]
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dinov2.utils.errors import UserError
-from vet_ext.views import VIEW_CODES
+from vet_ext.ingestion.views import VIEW_CODES
 
 UNKNOWN_VIEW = VIEW_CODES.index("UNKNOWN")
 

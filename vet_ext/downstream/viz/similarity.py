@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dinov2.utils.errors import UserError
-from vet_ext.viz.figures import ANCHOR_COLOR, MATCH_COLOR, PanelGrid, draw_patches, show_gray, show_map
-from vet_ext.viz.loading import Checkpoint, View
+from vet_ext.downstream.viz.figures import ANCHOR_COLOR, MATCH_COLOR, PanelGrid, draw_patches, show_gray, show_map
+from vet_ext.downstream.viz.loading import Checkpoint, View
 
 PANEL_PX = 320
 FIGURE_FILE = "patch_similarity.png"

@@ -7,12 +7,12 @@ Command line: `python -m vet_ext.viz {attention,patch-similarity,pca} --help`. F
     maps = attention_maps(checkpoint.model, checkpoint.inputs(view, 448)[1])  # [heads, h, w]
     write_attention_grid("attention.png", [view], {"teacher": [maps]})
 """
-from vet_ext.viz.attention import (
+from vet_ext.downstream.viz.attention import (
     attention_maps, last_block_attention, mass_mask, write_attention_grid, write_attention_overlay,
 )  # fmt: skip
-from vet_ext.viz.loading import Checkpoint, View, load_checkpoint, load_dicom_views, load_study
-from vet_ext.viz.pca import pca_rgb, write_pca_figure
-from vet_ext.viz.similarity import cosine_similarity_map, write_similarity_figure
+from vet_ext.downstream.viz.loading import Checkpoint, View, load_checkpoint, load_dicom_views, load_study
+from vet_ext.downstream.viz.pca import pca_rgb, write_pca_figure
+from vet_ext.downstream.viz.similarity import cosine_similarity_map, write_similarity_figure
 
 __all__ = [
     "Checkpoint", "View", "attention_maps", "cosine_similarity_map", "last_block_attention", "load_checkpoint",

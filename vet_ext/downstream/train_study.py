@@ -1,6 +1,6 @@
 """Study-level diagnosis: fine-tune a study model over all views, compare with averaging image predictions.
 
-A study model (`vet_ext.study_model.StudyEncoder`: ViT per view with a view-type embedding, then
+A study model (`vet_ext.downstream.study_model.StudyEncoder`: ViT per view with a view-type embedding, then
 mean or transformer fusion) is trained with BCE on the labelled studies (unannotated labels
 masked), with whole views dropped at random so it copes with incomplete studies, and kept at the
 epoch with the best validation macro AP. `--unlabeled-weight w` adds DINO self-distillation on
@@ -41,8 +41,8 @@ from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
 from dinov2.utils.utils import fix_random_seeds
-from vet_ext.finetune import FinetuneTrainTransform, Task, classification_loss
-from vet_ext.fitting import (
+from vet_ext.downstream.finetune import FinetuneTrainTransform, Task, classification_loss
+from vet_ext.downstream.fitting import (
     FitOptions,
     Trainer,
     add_fitting_arguments,
@@ -53,12 +53,12 @@ from vet_ext.fitting import (
     make_optimizer,
     trainable_backbone,
 )
-from vet_ext.multiview import make_multiview_pipeline
-from vet_ext.eval.study_conditions import ConditionScores, score_conditions, scores_by_view_count, study_features
-from vet_ext.studies import VetStudies
-from vet_ext.study_data import CONDITIONS, ALL_VIEWS, StudyViews, collate_studies, drop_views
-from vet_ext.study_model import FUSIONS, ImageLevelBaseline, StudyEncoder
-from vet_ext.views import VIEW_CODES
+from vet_ext.pretraining.pipelines import make_multiview_pipeline
+from vet_ext.downstream.eval.study_conditions import ConditionScores, score_conditions, scores_by_view_count, study_features
+from vet_ext.pretraining.datasets import VetStudies
+from vet_ext.downstream.study_data import CONDITIONS, ALL_VIEWS, StudyViews, collate_studies, drop_views
+from vet_ext.downstream.study_model import FUSIONS, ImageLevelBaseline, StudyEncoder
+from vet_ext.ingestion.views import VIEW_CODES
 
 STUDY, BASELINE = "study", "baseline"
 MODEL_LABELS = {STUDY: "study model", BASELINE: "mean of image predictions"}

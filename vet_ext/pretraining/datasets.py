@@ -20,8 +20,8 @@ import torch
 
 from dinov2.data.registry import register_dataset
 from dinov2.utils.errors import UserError
-from vet_ext.cache import MANIFEST_NAME, SCHEMA_METADATA_KEY, SHARDS_DIR, SPLITS, ShardReader
-from vet_ext.views import VIEW_CODES
+from vet_ext.ingestion.cache import MANIFEST_NAME, SCHEMA_METADATA_KEY, SHARDS_DIR, SPLITS, ShardReader
+from vet_ext.ingestion.views import VIEW_CODES
 
 _OTHER_VIEW = VIEW_CODES.index("OTHER")
 

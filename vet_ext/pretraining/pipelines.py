@@ -4,7 +4,7 @@ Both give the same batches for the same seed. "multiview" renders the crops in t
 workers; "multiview_device" only draws their plans there and renders whole batches on the
 training device, for GPUs that consume crops faster than CPU workers make them.
 
-Importing this module registers both; `vet_ext.registration.register` imports it, so every
+Importing this module registers both; `vet_ext.plugins.register` imports it, so every
 dinov2 command knows them once vet_ext is installed.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dinov2.configs import register_config_defaults
 from dinov2.data.collate import masking_collate
 from dinov2.data.registry import Pipeline, register_pipeline
 from dinov2.utils.errors import UserError
-from vet_ext.augment import AugmentationSettings, MultiViewAugmentation, MultiViewPlanning
-from vet_ext.collate import DeviceMultiViewCollate, MultiViewCollate, RenderOnDevice
+from vet_ext.pretraining.augment import AugmentationSettings, MultiViewAugmentation, MultiViewPlanning
+from vet_ext.pretraining.collate import DeviceMultiViewCollate, MultiViewCollate, RenderOnDevice
 
 _DEFAULTS = AugmentationSettings()
 

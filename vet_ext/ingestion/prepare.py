@@ -2,7 +2,7 @@
 
 Decoding DICOM is the expensive step of every epoch if done on the fly, so it happens once here:
 each frame is windowed, shrunk to `cache_size` on its long side and stored as raw uint8 in
-memory-mappable shards (see `vet_ext.cache`). The manifest is the columnar index the datasets read.
+memory-mappable shards (see `vet_ext.ingestion.cache`). The manifest is the columnar index the datasets read.
 
 Runs are idempotent and resumable. Every source file, good or bad, leaves one committed record
 keyed by relative path + size + mtime, so a re-run decodes only files that are new or changed, and
@@ -41,12 +41,12 @@ from tqdm import tqdm
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
 from dinov2.utils.io import atomic_write_bytes, atomic_write_text
-from vet_ext.cache import (
+from vet_ext.ingestion.cache import (
     FORMAT_VERSION, MANIFEST_NAME, SCHEMA_METADATA_KEY, SHARD_BYTES, SHARDS_DIR, SPLITS, ShardWriter,
     read_records, to_cache_image,
 )  # fmt: skip
-from vet_ext.dicom import DicomError, read_dicom
-from vet_ext.views import VIEW_CODES
+from vet_ext.ingestion.dicom import DicomError, read_dicom
+from vet_ext.ingestion.views import VIEW_CODES
 
 ERRORS_NAME = "errors.csv"
 SUMMARY_NAME = "prepare.json"

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.utils.errors import UserError
-from vet_ext.views import VIEW_CODES
+from vet_ext.ingestion.views import VIEW_CODES
 
 FUSIONS = ("mean", "transformer")
-HEAD_INIT_STD = 0.01  # as vet_ext.finetune's linear head
+HEAD_INIT_STD = 0.01  # as vet_ext.downstream.finetune's linear head
 EMBEDDING_INIT_STD = 0.02  # as the backbone's positional embedding
 CHANNELS_PER_HEAD = 64  # the fusion transformer's heads are DINOv2-sized by default
 

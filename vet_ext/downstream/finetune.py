@@ -45,7 +45,7 @@ from dinov2.eval.utils import autocast_context, extract_features, label_names, n
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
 from dinov2.utils.utils import fix_random_seeds
-from vet_ext import fitting
+from vet_ext.downstream import fitting
 
 CROP_SCALE = (0.4, 1.0)  # radiograph findings are small: never train on a crop of a few percent
 INTENSITY_JITTER = 0.2  # brightness and contrast factors in [0.8, 1.2]: exposure differences
@@ -239,7 +239,7 @@ def fine_tune(
     output_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train a classifier, early-stopping on the validation metric; returns the best checkpoint dict
-    (`vet_ext.fitting.fit`: with `output_dir`, checkpoints are written there and resumed from)."""
+    (`vet_ext.downstream.fitting.fit`: with `output_dir`, checkpoints are written there and resumed from)."""
     return fitting.fit(ImageTrainer(backbone, task, train_dataset, val_dataset, options), options, output_dir)
 
 

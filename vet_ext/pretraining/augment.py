@@ -12,7 +12,7 @@ would be meaningless on gray images. Horizontal flips are off by default: a flip
 is a different laterality (left-right), which the model should not learn to ignore.
 
 The random choices of a study (which views, which boxes, which changes) are drawn first, into a
-`StudyCropPlan`, in the order the per-crop transforms always drew them; `vet_ext.crop_render`
+`StudyCropPlan`, in the order the per-crop transforms always drew them; `vet_ext.pretraining.crop_render`
 then renders the plan. A CPU worker does both ("multiview"); the "multiview_device" pipeline
 draws the plan in the workers and renders whole batches on the training device.
 """
@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from dinov2.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 from dinov2.data.transforms import random_resized_crop_params
 from dinov2.utils.errors import UserError
-from vet_ext.crop_render import BRIGHTNESS, CONTRAST, GAMMA, CropGroupPlan, render_crops, to_unit_float
+from vet_ext.pretraining.crop_render import BRIGHTNESS, CONTRAST, GAMMA, CropGroupPlan, render_crops, to_unit_float
 
 GLOBAL_CROPS_PER_VIEW = 2
 CROP_ASPECT_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default, as DINOv2 uses it
@@ -234,7 +234,7 @@ class MultiViewAugmentation:
         return StudyCropPlan(view_indices, teacher_view, group_plan(global_draws, 2), group_plan(local_draws, 2))
 
     def render(self, views: torch.Tensor, plan: CropGroupPlan, size: int) -> torch.Tensor:
-        """Views [2, H, W] -> crops [2, K, 3, size, size] (see `vet_ext.crop_render.render_crops`)."""
+        """Views [2, H, W] -> crops [2, K, 3, size, size] (see `vet_ext.pretraining.crop_render.render_crops`)."""
         return render_crops(views, plan, size, self.mean, self.std)
 
     def __call__(self, views: Sequence[torch.Tensor], generator: torch.Generator) -> dict:

@@ -48,7 +48,7 @@ from dinov2.models.vision_transformer import ARCHITECTURES
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
 from dinov2.utils.utils import fix_random_seeds
-from vet_ext.eval.retrieval import cross_view_retrieval, images_dataset_str, study_views
+from vet_ext.downstream.eval.retrieval import cross_view_retrieval, images_dataset_str, study_views
 
 @dataclass
 class Candidate:

@@ -18,8 +18,8 @@ import torch
 
 from dinov2.data.batch import SSLBatch, SSLMasks
 from dinov2.data.collate import MaskingCollate, Samples
-from vet_ext.augment import GLOBAL_CROPS_PER_VIEW, pad_to_canvas
-from vet_ext.crop_render import CropGroupPlan, render_crops, to_unit_float
+from vet_ext.pretraining.augment import GLOBAL_CROPS_PER_VIEW, pad_to_canvas
+from vet_ext.pretraining.crop_render import CropGroupPlan, render_crops, to_unit_float
 
 
 def teacher_global_rows(teacher_views: torch.Tensor, crops_per_view: int = GLOBAL_CROPS_PER_VIEW) -> torch.Tensor:

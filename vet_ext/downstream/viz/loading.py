@@ -24,9 +24,9 @@ from dinov2.models.weights import (
 )  # fmt: skip
 from dinov2.utils.config import get_cfg
 from dinov2.utils.errors import UserError
-from vet_ext.cache import SPLITS
-from vet_ext.dicom import DicomError, read_dicom
-from vet_ext.studies import VetStudies
+from vet_ext.ingestion.cache import SPLITS
+from vet_ext.ingestion.dicom import DicomError, read_dicom
+from vet_ext.pretraining.datasets import VetStudies
 
 RANDOM_PREFIX = "random:"
 RANDOM_SEED = 0  # an untrained baseline must look the same in every run

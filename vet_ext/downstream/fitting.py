@@ -1,6 +1,6 @@
 """The fitting loop and command line that vet_ext's downstream trainers share.
 
-Image-level fine-tuning (`vet_ext.finetune`) and the study-level models (`vet_ext.train_study`)
+Image-level fine-tuning (`vet_ext.downstream.finetune`) and the study-level models (`vet_ext.downstream.train_study`)
 differ only in their model and in what one batch does. Epochs, the learning-rate schedule, early
 stopping on a validation metric, best/last checkpoints, exact resume, the trainable (optionally
 LoRA-adapted) backbone and the flags that set all of these must behave the same in both, so they
@@ -30,7 +30,7 @@ from dinov2.train.checkpointing import atomic_torch_save, load_torch_file
 from dinov2.utils.errors import UserError
 from dinov2.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
 from dinov2.utils.utils import CosineScheduler
-from vet_ext.lora import apply_lora, merge_lora
+from vet_ext.downstream.lora import apply_lora, merge_lora
 
 BEST_NAME, LAST_NAME = "best.pth", "last.pth"
 

@@ -1,0 +1,1 @@
+"""Ingestion: radiographs (DICOM or exported images, or built-in phantoms) -> DATA/ (image cache + manifest)."""
