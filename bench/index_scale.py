@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import binascii
-import json
 import multiprocessing
 import os
 import platform
@@ -23,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from machine import cpu_model  # bench/machine.py
-from vet_ext.ingestion.cache import FORMAT_VERSION, MANIFEST_NAME, SCHEMA_METADATA_KEY, SPLITS
+from vet_ext.ingestion.manifest import MANIFEST_NAME, SPLITS, write_manifest
 from vet_ext.pretraining.datasets import VetImages, VetStudies
 from vet_ext.ingestion.views import VIEW_CODES
 
@@ -39,7 +37,7 @@ def hex_ids(rng: np.random.Generator, count: int) -> pa.Array:
     return pa.array(np.frombuffer(binascii.hexlify(raw), dtype="S64")).cast(pa.string())
 
 
-def write_manifest(out: Path, n_images: int, n_studies: int, seed: int = 0) -> None:
+def fake_manifest(out: Path, n_images: int, n_studies: int, seed: int = 0) -> None:
     """A manifest with prepare's columns and dtypes, sorted by study like prepare writes it."""
     rng = np.random.default_rng(seed)
     per_study = 1 + rng.multinomial(n_images - n_studies, np.full(n_studies, 1 / n_studies))
@@ -68,10 +66,7 @@ def write_manifest(out: Path, n_images: int, n_studies: int, seed: int = 0) -> N
     }
     for label in LABELS:
         columns[label] = rng.integers(-1, 2, n_studies)[study_of_row]
-    table = pa.table(columns)
-    metadata = {"format_version": FORMAT_VERSION, "cache_size": 512, "shards_dir": "shards", "label_columns": list(LABELS), "phi_columns": []}
-    table = table.replace_schema_metadata({SCHEMA_METADATA_KEY: json.dumps(metadata).encode()})
-    pq.write_table(table, out / MANIFEST_NAME, compression="zstd")
+    write_manifest(pa.table(columns), out, cache_size=512, label_columns=list(LABELS))
 
 
 def memory(pid: int) -> dict[str, float]:
@@ -124,7 +119,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         started = time.perf_counter()
-        builder = multiprocessing.get_context("fork").Process(target=write_manifest, args=(root, args.images, args.studies))
+        builder = multiprocessing.get_context("fork").Process(target=fake_manifest, args=(root, args.images, args.studies))
         builder.start()  # in a child, so the main process's memory reflects only the datasets
         builder.join()
         size = (root / MANIFEST_NAME).stat().st_size / 2**20

@@ -10,19 +10,9 @@ import pytest
 
 from conftest import single_error_line
 from vet_ext.ingestion.dicom import read_dicom
-from vet_ext.ingestion.phantoms import (
-    FINDINGS,
-    LATERAL,
-    MU_BONE,
-    MU_SOFT,
-    Detector,
-    draw_plan,
-    ellipsoid,
-    generate_studies,
-    make_study,
-    project,
-    rod,
-)
+from vet_ext.ingestion.phantom_anatomy import FINDINGS, LATERAL, MU_BONE, MU_SOFT, draw_plan, ellipsoid, rod
+from vet_ext.ingestion.phantom_projection import Detector, project
+from vet_ext.ingestion.phantoms import generate_studies, make_study
 
 NO_FINDINGS = {name: False for name in FINDINGS}
 

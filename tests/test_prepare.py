@@ -18,8 +18,9 @@ from dinov2.utils.errors import UserError
 from vet_ext.ingestion.cache import ShardReader, ShardWriter, read_records, shard_path, to_cache_image
 from vet_ext.ingestion.dicom import read_dicom
 from vet_ext.ingestion.dicom_write import write_dicom
+from vet_ext.ingestion.manifest import assign_split
 from vet_ext.ingestion.phantoms import generate_studies
-from vet_ext.ingestion.prepare import KILL_HOOK_ENV, PrepareConfig, assign_split, main, prepare
+from vet_ext.ingestion.prepare import KILL_HOOK_ENV, PrepareConfig, main, prepare
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 CACHE_SIZE = 64

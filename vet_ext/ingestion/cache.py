@@ -24,12 +24,8 @@ from PIL import Image
 from dinov2.utils.errors import UserError
 from dinov2.utils.io import atomic_write_text
 
-FORMAT_VERSION = 1
+JOURNAL_VERSION = 1
 SHARD_BYTES = 1 << 30
-MANIFEST_NAME = "manifest.parquet"
-SHARDS_DIR = "shards"
-SCHEMA_METADATA_KEY = b"vet_dino"  # parquet schema metadata: label/phi column names, cache size
-SPLITS = ("train", "val", "test")
 JOURNAL_NAME = "journal.json"
 RECORDS_NAME = "records.jsonl"
 
@@ -140,7 +136,7 @@ class ShardWriter:
         for f in (self._shard_file, self._records_file):
             os.fsync(f.fileno())
         journal = {
-            "version": FORMAT_VERSION, "settings": self.settings,
+            "version": JOURNAL_VERSION, "settings": self.settings,
             "shards": self.lengths, "records_bytes": self.records_bytes,
         }  # fmt: skip
         atomic_write_text(self.state_dir / JOURNAL_NAME, json.dumps(journal, indent=1))

@@ -22,6 +22,7 @@ from pydicom.pixels.processing import apply_voi
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from vet_ext.ingestion.views import VIEW_CODES, derive_view
+from vet_ext.ingestion.windowing import percentile_window, voi_window
 
 __all__ = ["VIEW_CODES", "DicomError", "DicomImage", "read_dicom", "read_metadata"]
 
@@ -37,8 +38,6 @@ MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
 # Files lacking the DICM preamble are only trusted when they describe an image fully.
 REQUIRED_IMAGE_TAGS = ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation")
-ROBUST_PERCENTILES = (0.5, 99.5)
-_PERCENTILE_SAMPLE = 1_000_000  # pixels; a strided subsample keeps percentiles cheap on 40 MP images
 _SPECIES_SYNONYMS = {
     "canine": ("canine", "dog", "canis"),
     "feline": ("feline", "cat", "felis"),
@@ -220,8 +219,8 @@ def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
         width = _first_number(ds.WindowWidth)
         function = _text(ds, "VOILUTFunction").upper() or "LINEAR"
         if width >= 1 or (width > 0 and function != "LINEAR"):
-            return _window(values.astype(np.float64), center, width, function)
-    return _percentile_window(values.astype(np.float64))
+            return voi_window(values, center, width, function)
+    return percentile_window(values)
 
 
 def _apply_voi_lut_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -231,25 +230,6 @@ def _apply_voi_lut_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray:
     indices = np.clip(np.rint(values), first_mapped, first_mapped + entries - 1).astype(np.int64)
     mapped = apply_voi(indices, ds).astype(np.float64)
     return mapped / float(2**bits - 1)
-
-
-def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """DICOM PS3.3 C.11.2.1.2 windowing with the output range fixed to [0, 1]."""
-    if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
-    if function == "LINEAR_EXACT":
-        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
-    if width == 1:
-        return (values > center - 0.5).astype(np.float64)
-    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
-
-
-def _percentile_window(values: np.ndarray) -> np.ndarray:
-    stride = max(1, int(np.sqrt(values.size / _PERCENTILE_SAMPLE)))
-    low, high = np.percentile(values[::stride, ::stride], ROBUST_PERCENTILES)
-    if high <= low:
-        return np.zeros_like(values)
-    return np.clip((values - low) / (high - low), 0.0, 1.0)
 
 
 def _first_number(value) -> float:

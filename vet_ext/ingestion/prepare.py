@@ -18,51 +18,33 @@ right after writing the N-th decoded file's (uncommitted) bytes, to exercise cra
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
-import io
 import json
-import multiprocessing
 import os
 import secrets
 import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image, ImageSequence, UnidentifiedImageError
 from tqdm import tqdm
 
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
-from dinov2.utils.io import atomic_write_bytes, atomic_write_text
-from vet_ext.ingestion.cache import (
-    FORMAT_VERSION, MANIFEST_NAME, SCHEMA_METADATA_KEY, SHARD_BYTES, SHARDS_DIR, SPLITS, ShardWriter,
-    read_records, to_cache_image,
+from dinov2.utils.io import atomic_write_text
+from vet_ext.ingestion.cache import SHARD_BYTES, ShardWriter, read_records
+from vet_ext.ingestion.manifest import (
+    FORMAT_VERSION, IMAGE_COLUMN_TYPES, MANIFEST_NAME, SHARDS_DIR, SPLITS, build_manifest, write_manifest,
 )  # fmt: skip
-from vet_ext.ingestion.dicom import DicomError, read_dicom
-from vet_ext.ingestion.views import VIEW_CODES
+from vet_ext.ingestion.sources import DecodeTask, Source, decode_all, scan_dicom_tree, scan_images_csv
 
 ERRORS_NAME = "errors.csv"
 SUMMARY_NAME = "prepare.json"
 SALT_NAME = ".salt"
 STATE_DIR = ".state"
 KILL_HOOK_ENV = "VET_PREPARE_KILL_AFTER_FILES"
-IMAGE_COLUMN_TYPES = {
-    "study_id": str, "image_id": str, "frame": np.int32, "view": str, "body_part": str, "species": str,
-    "pixel_spacing_x": np.float64, "pixel_spacing_y": np.float64, "source_path": str,
-    "shard": np.int32, "offset": np.int64, "height": np.int32, "width": np.int32,
-}  # fmt: skip
-# Files that are plainly something else when they also lack the DICM preamble: skipped, not errors.
-NON_DICOM_SUFFIXES = frozenset(
-    ".csv .tsv .txt .json .md .rst .xml .html .htm .log .yaml .yml .ini .pdf .py .parquet .zip .gz "
-    ".png .jpg .jpeg .tif .tiff .bmp".split()
-)
 OUTPUT_NAMES = frozenset({MANIFEST_NAME, ERRORS_NAME, SUMMARY_NAME})
 
 
@@ -89,288 +71,7 @@ class PrepareConfig:
     progress: bool = True
 
 
-@dataclass(frozen=True)
-class Source:
-    """One input file; `key` identifies its content for resumption (path, size, mtime + CSV metadata)."""
-
-    path: str
-    abs_path: str
-    key: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class DecodeTask:
-    kind: str  # "dicom" or "image"
-    abs_path: str
-    cache_size: int
-    keep_phi: bool
-    study_id: str = ""  # study_id, image_id and view come from the CSV for image exports
-    image_id: str = ""
-    view: str = ""
-
-
-@dataclass
-class Decoded:
-    """What a worker sends back: cache-ready frames with their metadata, or the reason it failed."""
-
-    images: list[tuple[dict[str, Any], np.ndarray]]
-    error: tuple[str, str] | None = None
-
-
-class ImageSourceError(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason} ({detail})")
-        self.reason, self.detail = reason, detail
-
-
-# ----------------------------------------------------------------------------- scanning
-
-
-def _has_dicom_preamble(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(132)[128:132] == b"DICM"
-
-
-def scan_dicom_tree(root: Path, exclude: Path | None = None) -> tuple[list[Source], int]:
-    """All candidate files below `root` in sorted order, and how many plain non-DICOM files were skipped.
-
-    Files are tried whatever their extension (archives often drop `.dcm`); only hidden files,
-    DICOMDIR indexes, obviously foreign files without a DICM preamble and the `exclude` folder
-    (an output folder placed inside the tree) are left out.
-    """
-    sources, skipped = [], 0
-    excluded = Path(exclude).resolve() if exclude is not None else None
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and Path(dirpath, d).resolve() != excluded
-        )
-        for name in sorted(filenames):
-            abs_path = os.path.join(dirpath, name)
-            if name.startswith(".") or name.upper() == "DICOMDIR" or not os.path.isfile(abs_path):
-                skipped += 1
-                continue
-            if Path(name).suffix.lower() in NON_DICOM_SUFFIXES and not _has_dicom_preamble(abs_path):
-                skipped += 1
-                continue
-            stat = os.stat(abs_path)
-            rel = os.path.relpath(abs_path, root).replace(os.sep, "/")
-            sources.append(Source(rel, abs_path, {"path": rel, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
-    return sources, skipped
-
-
-def _normalise_view(value: Any, where: str) -> str:
-    text = "" if pd.isna(value) else str(value).strip().upper()
-    if not text:
-        return "UNKNOWN"
-    if text not in VIEW_CODES:
-        raise UserError(f"{where}: view '{value}' is not one of {', '.join(VIEW_CODES)}")
-    return text
-
-
-def scan_images_csv(csv_path: Path) -> tuple[list[Source], list[dict[str, str]]]:
-    """Rows of an exported-images CSV (path, study_id[, view]); paths are relative to the CSV's folder.
-
-    A listed file that does not exist is an error of that row, not of the whole run.
-    """
-    table = _read_csv(csv_path, required=("path", "study_id"))
-    duplicated = table["path"][table["path"].duplicated()].unique()
-    if len(duplicated):
-        raise UserError(f"{csv_path}: path listed more than once: {', '.join(map(str, duplicated[:5]))}")
-    base = Path(csv_path).parent
-    sources, missing = [], []
-    for row_number, row in enumerate(table.itertuples(index=False), start=2):
-        rel, study_id = str(row.path), str(row.study_id).strip()
-        if not study_id or study_id == "nan":
-            raise UserError(f"{csv_path} line {row_number}: empty study_id for '{rel}'")
-        view = _normalise_view(getattr(row, "view", None), f"{csv_path} line {row_number}")
-        abs_path = str(base / rel)
-        if not os.path.isfile(abs_path):
-            missing.append({"path": rel, "reason": "missing file", "detail": f"no file at {abs_path}"})
-            continue
-        stat = os.stat(abs_path)
-        key = {"path": rel, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "study_id": study_id, "view": view}
-        sources.append(Source(rel, abs_path, key))
-    return sources, missing
-
-
-def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not a readable CSV ({exc})") from exc
-    absent = [c for c in required if c not in table.columns]
-    if absent:
-        raise UserError(f"{path}: missing column(s) {', '.join(absent)}; columns are {', '.join(table.columns)}")
-    return table
-
-
-# ----------------------------------------------------------------------------- decoding (worker side)
-
-
-def _percentile_window(pixels: np.ndarray) -> np.ndarray:
-    """High-bit-depth exports carry no window; the robust range (0.5-99.5 %) stands in for one."""
-    low, high = np.percentile(pixels, [0.5, 99.5])
-    if high <= low:
-        return np.zeros(pixels.shape, dtype=np.float32)
-    return np.clip((pixels - low) / (high - low), 0.0, 1.0).astype(np.float32)
-
-
-def read_image_frames(path: str) -> list[np.ndarray]:
-    """PNG/JPEG/TIFF export -> float32 frames in [0, 1]; 8-bit is taken as displayed, deeper is windowed."""
-    try:
-        with Image.open(path) as image:
-            frames = []
-            for frame in ImageSequence.Iterator(image):
-                if frame.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                    frames.append(_percentile_window(np.asarray(frame, dtype=np.float32)))
-                else:
-                    frames.append(np.asarray(frame.convert("L"), dtype=np.float32) / 255.0)
-            return frames
-    except UnidentifiedImageError as exc:
-        raise ImageSourceError("not an image", str(exc)) from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageSourceError("decode failed", f"{type(exc).__name__}: {exc}") from exc
-
-
-def _cached_spacing(
-    spacing: tuple[float, float] | None, source: tuple[int, int], cached: tuple[int, int]
-) -> tuple[float, float]:
-    """DICOM (row, column) spacing of the source -> (x, y) millimetres per pixel of the cached image."""
-    if spacing is None:
-        return float("nan"), float("nan")
-    row_mm, col_mm = spacing
-    return float(col_mm) * source[1] / cached[1], float(row_mm) * source[0] / cached[0]
-
-
-def decode_source(task: DecodeTask) -> Decoded:
-    """Decode one file into cache images; any failure becomes a (reason, detail) so the run goes on."""
-    try:
-        if task.kind == "dicom":
-            dicom = read_dicom(task.abs_path)
-            frames = dicom.frames
-            base = {
-                "study_id": dicom.study_id, "image_id": dicom.image_id, "view": dicom.view,
-                "body_part": dicom.body_part or "", "species": dicom.species or "",
-            }  # fmt: skip
-            spacing = dicom.pixel_spacing
-            phi = dicom.phi if task.keep_phi else None
-        else:
-            frames = read_image_frames(task.abs_path)
-            base = {
-                "study_id": task.study_id, "image_id": task.image_id, "view": task.view, "body_part": "", "species": "",
-            }  # fmt: skip
-            spacing, phi = None, None
-        images = []
-        for index, frame in enumerate(frames):
-            cached = to_cache_image(frame, task.cache_size)
-            spacing_x, spacing_y = _cached_spacing(spacing, frame.shape, cached.shape)
-            meta = {**base, "frame": index, "pixel_spacing_x": spacing_x, "pixel_spacing_y": spacing_y}
-            if phi is not None:
-                meta["phi"] = {k: str(v) for k, v in phi.items()}
-            images.append((meta, cached))
-        return Decoded(images)
-    except (DicomError, ImageSourceError) as exc:
-        return Decoded([], (exc.reason, exc.detail))
-    except Exception as exc:  # noqa: BLE001 - one odd file must never stop a long run
-        return Decoded([], ("unexpected error", f"{type(exc).__name__}: {exc}"))
-
-
-def _decode_all(tasks: list[DecodeTask], workers: int) -> Iterator[Decoded]:
-    """Results in task order, so shard offsets do not depend on worker timing."""
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(decode_source, tasks)
-        return
-    chunksize = max(1, min(16, len(tasks) // (workers * 8)))
-    with multiprocessing.get_context().Pool(workers) as pool:
-        yield from pool.imap(decode_source, tasks, chunksize=chunksize)
-
-
-# ----------------------------------------------------------------------------- manifest
-
-
-def _hash_id(salt: str, value: str) -> str:
-    return hashlib.sha256(f"{salt}\x00{value}".encode("utf-8")).hexdigest()
-
-
-def assign_split(study_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:
-    """A study's split from a hash of (seed, id): independent of every other study, hence stable under growth."""
-    digest = hashlib.sha256(f"{seed}\x00{study_id}".encode("utf-8")).digest()
-    u = int.from_bytes(digest[:8], "big") / 2.0**64
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
-
-
-def read_labels(path: Path, reserved: Iterable[str]) -> pd.DataFrame:
-    """labels CSV -> frame indexed by study_id; 0/1 (integer) columns stay integer with -1 for missing."""
-    table = _read_csv(path, required=("study_id",))
-    clash = sorted(set(table.columns) & (set(reserved) - {"study_id"}))
-    if clash:
-        raise UserError(f"{path}: label column(s) {', '.join(clash)} clash with manifest columns")
-    duplicated = table["study_id"][table["study_id"].duplicated()].unique()
-    if len(duplicated):
-        raise UserError(f"{path}: study_id listed more than once: {', '.join(map(str, duplicated[:5]))}")
-    table = table.set_index("study_id")
-    for column in table.columns:
-        try:
-            values = pd.to_numeric(table[column])
-        except (ValueError, TypeError) as exc:
-            raise UserError(f"{path}: label column '{column}' is not numeric ({exc})") from exc
-        present = values.dropna()
-        is_integer = bool(np.all(np.mod(present, 1) == 0)) if len(present) else True
-        table[column] = values.fillna(-1).astype(np.int64) if is_integer else values.astype(np.float64)
-    return table
-
-
-def _missing_label_value(dtype: np.dtype) -> Any:
-    return -1 if np.issubdtype(dtype, np.integer) else np.nan
-
-
-def _view_rank(views: pd.Series) -> pd.Series:
-    return views.map({code: rank for rank, code in enumerate(VIEW_CODES)}).fillna(len(VIEW_CODES))
-
-
-def build_manifest(
-    config: PrepareConfig, image_columns: dict[str, list], salt: str | None
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Committed image rows -> the manifest table (sorted, split, labelled, de-identified as asked)."""
-    phi = image_columns.pop("phi")
-    frame = pd.DataFrame(image_columns).astype(IMAGE_COLUMN_TYPES)
-    if config.keep_phi:
-        for key in sorted({k for entry in phi for k in entry}):
-            frame[f"phi_{key}"] = [entry.get(key, "") for entry in phi]
-    frame["_rank"] = _view_rank(frame["view"])
-    frame = frame.sort_values(["study_id", "_rank", "image_id", "frame", "source_path"], kind="stable")
-    frame = frame.drop(columns="_rank").reset_index(drop=True)
-
-    studies = pd.Series(frame["study_id"].unique())
-    split_of = {s: assign_split(s, config.seed, config.val_fraction, config.test_fraction) for s in studies}
-    frame["split"] = frame["study_id"].map(split_of).astype(str)
-
-    label_info: dict[str, Any] = {"columns": []}
-    if config.labels is not None:
-        labels = read_labels(config.labels, frame.columns)
-        label_info = {
-            "columns": list(labels.columns),
-            "studies_without_labels": int((~studies.isin(labels.index)).sum()),
-            "label_rows_without_images": int((~labels.index.isin(studies)).sum()),
-        }
-        joined = labels.reindex(frame["study_id"])
-        for column in labels.columns:
-            missing = _missing_label_value(labels[column].dtype)
-            frame[column] = joined[column].fillna(missing).to_numpy().astype(labels[column].dtype)
-
-    if config.hash_ids:
-        frame = frame.drop(columns="source_path")
-        for column in ("study_id", "image_id"):
-            unique = frame[column].unique()
-            frame[column] = frame[column].map(dict(zip(unique, (_hash_id(salt, v) for v in unique))))
-    return frame, label_info
+# ----------------------------------------------------------------------------- outputs
 
 
 def _empty_columns() -> dict[str, list]:
@@ -396,15 +97,6 @@ def collect_images(
                 columns[name].append(path if name == "source_path" else row[name])
             columns["phi"].append(row.get("phi", {}))
     return columns, errors
-
-
-def _write_parquet_atomic(frame: pd.DataFrame, path: Path, metadata: dict[str, Any]) -> None:
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    schema_metadata = {**(table.schema.metadata or {}), SCHEMA_METADATA_KEY: json.dumps(metadata).encode()}
-    table = table.replace_schema_metadata(schema_metadata)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _resolve_salt(config: PrepareConfig) -> str | None:
@@ -442,12 +134,11 @@ def write_outputs(
     started = time.perf_counter()
     out = Path(config.out)
     columns, errors = collect_images(records, current)
-    manifest, label_info = build_manifest(config, columns, salt)
-    metadata = {
-        "format_version": FORMAT_VERSION, "cache_size": config.cache_size, "shards_dir": SHARDS_DIR,
-        "label_columns": label_info["columns"], "phi_columns": [c for c in manifest.columns if c.startswith("phi_")],
-    }  # fmt: skip
-    _write_parquet_atomic(manifest, out / MANIFEST_NAME, metadata)
+    manifest, label_info = build_manifest(
+        columns, seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+        labels=config.labels, keep_phi=config.keep_phi, salt=salt,
+    )  # fmt: skip
+    write_manifest(manifest, out, cache_size=config.cache_size, label_columns=label_info["columns"])
     errors_frame = pd.DataFrame(errors + scan_errors, columns=["path", "reason", "detail"])
     errors_frame = errors_frame.sort_values("path", kind="stable")
     atomic_write_text(out / ERRORS_NAME, errors_frame.to_csv(index=False))
@@ -522,7 +213,7 @@ def _append_new_files(
     last_checkpoint, between_files = time.perf_counter(), True
     try:
         with tqdm(total=len(tasks), desc="prepare", unit="file", disable=not config.progress) as progress:
-            for source, result in zip(todo, _decode_all(tasks, config.workers or _default_workers())):
+            for source, result in zip(todo, decode_all(tasks, config.workers or _default_workers())):
                 between_files = False
                 rows = []
                 for meta, image in result.images:

@@ -8,19 +8,18 @@ opened lazily in each process.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from dinov2.data.registry import register_dataset
 from dinov2.utils.errors import UserError
-from vet_ext.ingestion.cache import MANIFEST_NAME, SCHEMA_METADATA_KEY, SHARDS_DIR, SPLITS, ShardReader
+from vet_ext.ingestion.cache import ShardReader
+from vet_ext.ingestion.manifest import check_split, open_manifest, read_manifest
 from vet_ext.ingestion.views import VIEW_CODES
 
 _OTHER_VIEW = VIEW_CODES.index("OTHER")
@@ -54,22 +53,12 @@ class _PreparedIndex:
         split = self.default_split if split is None else split
         self.transform, self.target_transform = transform, target_transform
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise UserError(f"{self.name}: root '{self.root}' does not exist")
-        self.manifest_path = self.root / MANIFEST_NAME
-        if not self.manifest_path.is_file():
-            raise UserError(
-                f"{self.name}: no {MANIFEST_NAME} in '{self.root}'; "
-                f"create it with: python -m vet_ext.prepare --dicom-root RAW --out {self.root}"
-            )
-        if split not in SPLITS:
-            raise UserError(f"{self.name}: unknown split '{split}'; valid splits: {', '.join(SPLITS)}")
-        self.split = split
-        schema = pq.read_schema(self.manifest_path)
-        metadata = json.loads((schema.metadata or {}).get(SCHEMA_METADATA_KEY, b"{}"))
-        self.label_columns: list[str] = list(metadata.get("label_columns", []))
+        self.manifest = open_manifest(self.root, self.name)
+        self.manifest_path = self.manifest.path
+        self.split = check_split(split, self.name)
+        self.label_columns: list[str] = self.manifest.label_columns
         self.target_columns, self.single_label = self._choose_labels(label, labels)
-        self._reader = ShardReader(self.root / metadata.get("shards_dir", SHARDS_DIR))
+        self._reader = ShardReader(self.manifest.shards_dir)
         table = self._read([*self.extra_columns, "shard", "offset", "height", "width", "view", *self.target_columns])
         self._build(table)
         del table
@@ -100,7 +89,7 @@ class _PreparedIndex:
 
     def _read(self, columns: list[str]) -> pa.Table:
         """Only the needed columns of this split's rows, in manifest order."""
-        return pq.read_table(self.manifest_path, columns=columns, filters=[("split", "=", self.split)])
+        return read_manifest(self.manifest, columns, self.split)
 
     def _load_rows(self, table: pa.Table) -> None:
         self._shard = table.column("shard").to_numpy().astype(np.int32)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
 from dinov2.utils.io import atomic_write_text
-from vet_ext.ingestion.cache import SPLITS
+from vet_ext.ingestion.manifest import SPLITS
 from vet_ext.downstream.viz import attention, pca, similarity
 from vet_ext.downstream.viz.loading import (
     RANDOM_PREFIX, View, checkpoint_names, load_checkpoint, load_dicom_views, load_study, resolve_device,

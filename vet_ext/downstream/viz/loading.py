@@ -24,7 +24,7 @@ from dinov2.models.weights import (
 )  # fmt: skip
 from dinov2.utils.config import get_cfg
 from dinov2.utils.errors import UserError
-from vet_ext.ingestion.cache import SPLITS
+from vet_ext.ingestion.manifest import SPLITS
 from vet_ext.ingestion.dicom import DicomError, read_dicom
 from vet_ext.pretraining.datasets import VetStudies
 
