@@ -16,7 +16,8 @@ from conftest import cli_error
 from dinov2.data import make_dataset
 from dinov2.data.datasets import SyntheticImages
 from dinov2.eval import linear
-from dinov2.eval.linear import get_args_parser, load_class_mapping
+from dinov2.eval.linear import get_args_parser
+from dinov2.eval.linear_heads import load_class_mapping
 from dinov2.eval.setup import make_eval_transform
 from dinov2.utils.errors import UserError
 from tiny import INFERRED_HEADS, make_tiny_vit

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinov2.eval.linear import (
+from dinov2.eval.linear_heads import (
     CachedBatches,
     batch_indices,
     best_head,
@@ -11,8 +11,8 @@ from dinov2.eval.linear import (
     intermediate_tokens,
     linear_input,
     setup_linear_classifiers,
-    train_linear_heads,
 )
+from dinov2.eval.linear_training import train_linear_heads
 from dinov2.eval.log_regression import c_grid, eval_log_regression
 from dinov2.eval.metrics import MetricType
 from dinov2.models.vision_transformer import DinoVisionTransformer

@@ -26,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 
 from dinov2 import distributed
+from dinov2.fsdp import load_full_module_state, module_shapes
 from dinov2.utils.errors import UserError
 from dinov2.utils.io import atomic_write, atomic_write_text
 
@@ -150,3 +151,16 @@ def export_teacher(output_dir: str | os.PathLike, tag: str, teacher_state: dict[
     path = Path(output_dir) / "eval" / tag / "teacher_checkpoint.pth"
     atomic_torch_save({"teacher": teacher_state}, path)
     return path
+
+
+def load_strict(module: torch.nn.Module, state: dict, what: str) -> None:
+    """Load whole tensors, however the module is spread, after checking every key and shape."""
+    own = module_shapes(module)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k] != state[k].shape)
+    if missing or unexpected or mismatched:
+        problems = [f"{label} {len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
+        raise UserError(f"{what} does not fit the model: " + "; ".join(problems))
+    load_full_module_state(module, state)

@@ -31,19 +31,10 @@ from tqdm import tqdm
 from dinov2 import distributed
 from dinov2.data import SSLBatch, make_dataset, make_pipeline, make_training_loader
 from dinov2.distributed import get_global_rank, is_main_process
-from dinov2.fsdp import (
-    distribute,
-    full_tensor,
-    get_training_state,
-    load_full_module_state,
-    module_shapes,
-    resolve_precision,
-    resolve_strategy,
-    set_training_state,
-)
+from dinov2.fsdp import distribute, full_tensor, get_training_state, resolve_precision, resolve_strategy, set_training_state
 from dinov2.logging import setup_logging
 from dinov2.logging.metrics import MetricsLog
-from dinov2.train.checkpointing import Checkpointer, export_teacher, load_torch_file
+from dinov2.train.checkpointing import Checkpointer, export_teacher, load_strict, load_torch_file
 from dinov2.train.compile import compile_blocks
 from dinov2.train.monitors import CollapseWatch
 from dinov2.train.optimizer import apply_schedules, build_optimizer
@@ -154,11 +145,11 @@ class Trainer:
         gives student, teacher and centres; a teacher export gives backbone and heads to both."""
         state = load_torch_file(path)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            _load_strict(self.model, state["model"], f"MODEL.WEIGHTS={path}")
+            load_strict(self.model, state["model"], f"MODEL.WEIGHTS={path}")
         elif isinstance(state, dict) and isinstance(state.get("teacher"), dict):
             teacher = {k.replace("module.", ""): v for k, v in state["teacher"].items()}
             for modules in (self.model.student, self.model.teacher):
-                _load_strict(modules, teacher, f"MODEL.WEIGHTS={path}")
+                load_strict(modules, teacher, f"MODEL.WEIGHTS={path}")
         else:
             raise UserError(f"MODEL.WEIGHTS={path} is neither a training checkpoint ('model') nor a teacher export ('teacher')")
         logger.info("weights loaded from %s", path)
@@ -294,19 +285,6 @@ class Trainer:
                     break
         done = (stopped_at + 1 if stopped_at is not None else self.max_iter) - start_iter
         return {"iterations": done, "nonfinite_steps": nonfinite_total, "last_checkpoint": str(last_saved), "stopped_at": stopped_at}
-
-
-def _load_strict(module: torch.nn.Module, state: dict, what: str) -> None:
-    """Load whole tensors, however the module is spread, after checking every key and shape."""
-    own = module_shapes(module)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state) if own[k] != state[k].shape)
-    if missing or unexpected or mismatched:
-        problems = [f"{label} {len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
-                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
-        raise UserError(f"{what} does not fit the model: " + "; ".join(problems))
-    load_full_module_state(module, state)
 
 
 def _agree_across_ranks(finite: torch.Tensor, stop: bool) -> tuple[bool, bool]:

@@ -23,16 +23,11 @@ from torch import nn
 
 from dinov2.data import make_dataset
 from dinov2.eval.knn import eval_knn, get_args_parser as get_knn_args_parser
-from dinov2.eval.linear import (
-    CachedBatches,
-    best_head,
-    evaluate_heads,
-    get_args_parser as get_linear_args_parser,
-    intermediate_tokens,
-    n_last_blocks_list,
-    setup_linear_classifiers,
-    train_linear_heads,
-)
+from dinov2.eval.linear import get_args_parser as get_linear_args_parser
+from dinov2.eval.linear_heads import (
+    CachedBatches, best_head, evaluate_heads, intermediate_tokens, n_last_blocks_list, setup_linear_classifiers,
+)  # fmt: skip
+from dinov2.eval.linear_training import train_linear_heads
 from dinov2.eval.log_regression import c_grid, eval_log_regression
 from dinov2.eval.metrics import MULTI, MetricType, is_binary, num_outputs, target_kind
 from dinov2.eval.results import write_results
