@@ -10,7 +10,6 @@ from dinov2.data import SSLBatch, SSLMasks, make_pipeline, make_training_loader
 from dinov2.data import collate as collate_module
 from dinov2.data import pipelines as dino_pipelines
 from dinov2.data.datasets import SyntheticImages
-from dinov2.train.ssl_meta_arch import CropLayout
 from dinov2.utils.config import get_cfg
 
 UPSTREAM_KEYS = {"collated_global_crops", "collated_local_crops", "collated_masks", "mask_indices_list", "masks_weight",
@@ -88,15 +87,14 @@ def test_layout_properties_are_the_layout_the_meta_architecture_reads(name, n_gl
     assert isinstance(batch, SSLBatch)
     assert (batch.n_images, batch.n_global_crops, batch.n_local_crops, batch.n_teacher_crops) == (4, n_global, n_local, n_teacher)
     assert len(batch.collated_global_crops) == 4 * n_global and len(batch.collated_local_crops) == 4 * n_local
-    layout = CropLayout.from_batch(batch)
-    assert (layout.n_images, layout.n_global_crops, layout.n_local_crops, layout.n_teacher_crops) == (4, n_global, n_local, n_teacher)
-    assert torch.equal(layout.teacher_global_index, batch.teacher_global_index)
     assert len(batch.teacher_global_index) == 4 * n_teacher
+    assert batch.n_loss_terms == (n_global + n_local) * n_teacher - n_teacher
 
 
 def test_layout_of_an_upstream_dict():
-    layout = CropLayout.from_batch(upstream_batch())
-    assert (layout.n_images, layout.n_global_crops, layout.n_local_crops, layout.n_teacher_crops) == (4, 2, 2, 2)
+    batch = SSLBatch.from_mapping(upstream_batch())
+    assert (batch.n_images, batch.n_global_crops, batch.n_local_crops, batch.n_teacher_crops) == (4, 2, 2, 2)
+    assert torch.equal(batch.teacher_global_index, torch.arange(8))  # upstream's teacher sees every global crop
 
 
 # ------------------------------------------------------------------------------------ transfer

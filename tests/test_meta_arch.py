@@ -4,7 +4,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FIXTURES, assert_close_scaled
-from dinov2.train.ssl_meta_arch import CropLayout, SSLMetaArch
+from dinov2.data.batch import SSLBatch
+from dinov2.train.ssl_meta_arch import SSLMetaArch
 
 pytestmark = pytest.mark.usefixtures("fixture_vit")
 
@@ -88,13 +89,18 @@ def test_distinct_pairs_exclude_only_the_same_crop():
     # 4 student globals (2 views x 2 crops), teacher sees crops of view 0 for image 0 and view 1 for image 1.
     B = 2
     teacher_index = torch.tensor([0 * B + 0, 2 * B + 1, 1 * B + 0, 3 * B + 1])  # teacher crop-major
-    layout = CropLayout(n_images=B, n_global_crops=4, n_local_crops=3, n_teacher_crops=2, teacher_global_index=teacher_index)
-    valid = SSLMetaArch._distinct_crop_pairs(layout)
+    masks = torch.zeros(4 * B, 4, dtype=torch.bool)
+    batch = SSLBatch(
+        collated_masks=masks, mask_indices_list=torch.zeros(0, dtype=torch.long), masks_weight=torch.zeros(0),
+        n_masked_patches=torch.tensor(0), upperbound=0, teacher_global_index=teacher_index, n_global_crops=4,
+        collated_global_crops=torch.zeros(4 * B, 3, 28, 28), collated_local_crops=torch.zeros(3 * B, 3, 14, 14),
+    )  # fmt: skip
+    valid = SSLMetaArch._distinct_crop_pairs(batch)
     assert valid.shape == (4, 2, B)
     # Exactly one excluded student crop per (teacher crop, image): the crop itself.
     assert torch.equal(valid.sum(0), torch.full((2, B), 3.0))
     assert valid[0, 0, 0] == 0 and valid[2, 0, 1] == 0 and valid[1, 1, 0] == 0 and valid[3, 1, 1] == 0
-    assert layout.n_loss_terms == (4 + 3) * 2 - 2
+    assert batch.n_loss_terms == (4 + 3) * 2 - 2
 
 
 def test_permuting_teacher_crops_consistently_keeps_the_loss():

@@ -9,7 +9,7 @@ import torch
 
 from dinov2.configs import get_default_config
 from dinov2.data import make_pipeline
-from dinov2.train.ssl_meta_arch import CropLayout, SSLMetaArch
+from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.config import get_cfg
 from dinov2.utils.errors import UserError
 from vet_ext.pretraining.augment import MultiViewAugmentation
@@ -228,10 +228,9 @@ def test_masks_only_on_teacher_rows_stratified_and_consistent():
 def test_every_student_crop_pairs_with_each_teacher_crop_but_itself():
     n_studies = 4
     batch, _ = collated_batch(n_studies, "crops.local_crops_number=10", "crops.local_crops_size=14")
-    layout = CropLayout.from_batch(batch)
-    assert (layout.n_images, layout.n_global_crops, layout.n_local_crops, layout.n_teacher_crops) == (4, 4, 20, 2)
-    assert layout.n_loss_terms == 4 * 2 - 2 + 20 * 2
-    pairs = SSLMetaArch._distinct_crop_pairs(layout)  # [student global crop, teacher crop, study]
+    assert (batch.n_images, batch.n_global_crops, batch.n_local_crops, batch.n_teacher_crops) == (4, 4, 20, 2)
+    assert batch.n_loss_terms == 4 * 2 - 2 + 20 * 2
+    pairs = SSLMetaArch._distinct_crop_pairs(batch)  # [student global crop, teacher crop, study]
     assert pairs.shape == (4, 2, n_studies)
     assert torch.equal(pairs.sum(dim=(0, 1)), torch.full((n_studies,), 4 * 2 - 2.0))
     for b in range(n_studies):

@@ -91,6 +91,11 @@ class SSLBatch(SSLMasks):
     def n_local_crops(self) -> int:
         return self.collated_local_crops.shape[0] // self.n_images
 
+    @property
+    def n_loss_terms(self) -> int:
+        """(student crop, teacher crop) pairs per image, a crop never paired with itself: the [CLS] loss normaliser."""
+        return (self.n_global_crops + self.n_local_crops) * self.n_teacher_crops - self.n_teacher_crops
+
     @classmethod
     def from_mapping(cls, batch: SSLBatch | Mapping[str, Any]) -> SSLBatch:
         """The typed batch of a dict in upstream's format (users' collates, stored batches); an

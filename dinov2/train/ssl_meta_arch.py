@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
 import torch
@@ -27,34 +26,6 @@ from dinov2.train.monitors import collapse_monitors
 from dinov2.utils.errors import UserError
 
 logger = logging.getLogger("dinov2")
-
-
-@dataclass
-class CropLayout:
-    """How the crops of one batch are arranged, as the batch says, with the teacher's rows on the crops' device."""
-
-    n_images: int
-    n_global_crops: int
-    n_local_crops: int
-    n_teacher_crops: int
-    teacher_global_index: Tensor  # [n_teacher_crops * n_images] rows of the student's global crops
-
-    @classmethod
-    def from_batch(cls, batch: SSLBatch | Mapping[str, Any]) -> "CropLayout":
-        batch = SSLBatch.from_mapping(batch)
-        return cls(
-            n_images=batch.n_images,
-            n_global_crops=batch.n_global_crops,
-            n_local_crops=batch.n_local_crops,
-            n_teacher_crops=batch.n_teacher_crops,
-            teacher_global_index=batch.teacher_global_index.to(batch.collated_global_crops.device),
-        )
-
-    @property
-    def n_loss_terms(self) -> int:
-        """Number of (student crop, teacher crop) pairs per image: the [CLS] loss normaliser."""
-        student_crops = self.n_global_crops + self.n_local_crops
-        return student_crops * self.n_teacher_crops - self.n_teacher_crops
 
 
 def check_masks_on_teacher_rows(batch: SSLMasks | Mapping[str, Any], source: str = "batch") -> None:
@@ -127,13 +98,13 @@ class SSLMetaArch(nn.Module):
 
     # ----------------------------------------------------------------------------------- teacher
     @torch.no_grad()
-    def teacher_targets(self, batch: SSLBatch, layout: CropLayout, teacher_temp: float):
+    def teacher_targets(self, batch: SSLBatch, teacher_temp: float):
         """Soft targets: teacher [CLS] probabilities [n_teacher_crops, B, K], masked-patch
         probabilities, and the teacher's [CLS] features they came from (for the collapse monitors)."""
-        crops = batch.collated_global_crops.index_select(0, layout.teacher_global_index)
+        crops = batch.collated_global_crops.index_select(0, batch.teacher_global_index)
         output = self.teacher.backbone(crops, is_training=True)
         cls_tokens = output["x_norm_clstoken"]
-        masked_tokens = self._teacher_masked_patch_tokens(output["x_norm_patchtokens"], batch, layout)
+        masked_tokens = self._teacher_masked_patch_tokens(output["x_norm_patchtokens"], batch)
         n_masked = masked_tokens.shape[0]
 
         if self.do_ibot and not self.ibot_separate_head:
@@ -163,19 +134,19 @@ class SSLMetaArch(nn.Module):
         else:
             raise ValueError(f"train.centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
 
-        cls_targets = cls_targets.view(layout.n_teacher_crops, layout.n_images, -1)
+        cls_targets = cls_targets.view(batch.n_teacher_crops, batch.n_images, -1)
         return cls_targets, (patch_targets if self.do_ibot else None), cls_tokens
 
-    def _teacher_masked_patch_tokens(self, patch_tokens: Tensor, batch: SSLBatch, layout: CropLayout) -> Tensor:
+    def _teacher_masked_patch_tokens(self, patch_tokens: Tensor, batch: SSLBatch) -> Tensor:
         """Teacher patch features at the student's masked positions (masks live on teacher crops only)."""
         n_patches = patch_tokens.shape[1]
         mask_indices = batch.mask_indices_list.to(patch_tokens.device)
         student_rows, patch_positions = mask_indices // n_patches, mask_indices % n_patches
         teacher_row_of_student = torch.full(
-            (layout.n_global_crops * layout.n_images,), -1, dtype=torch.long, device=patch_tokens.device
+            (batch.n_global_crops * batch.n_images,), -1, dtype=torch.long, device=patch_tokens.device
         )
-        teacher_row_of_student[layout.teacher_global_index] = torch.arange(
-            layout.teacher_global_index.shape[0], device=patch_tokens.device
+        teacher_row_of_student[batch.teacher_global_index] = torch.arange(
+            batch.teacher_global_index.shape[0], device=patch_tokens.device
         )
         teacher_rows = teacher_row_of_student[student_rows]  # valid: see check_masks_on_teacher_rows
         return patch_tokens.flatten(0, 1).index_select(0, teacher_rows * n_patches + patch_positions)
@@ -193,11 +164,11 @@ class SSLMetaArch(nn.Module):
         dict in upstream's format (stored batches, users' collates): it becomes an `SSLBatch` here.
         """
         batch = SSLBatch.from_mapping(images)
-        layout = CropLayout.from_batch(batch)
-        cls_targets, patch_targets, teacher_cls = self.teacher_targets(batch, layout, teacher_temp)
+        batch = batch.to(batch.collated_global_crops.device)  # a no-op for a batch the trainer moved
+        cls_targets, patch_targets, teacher_cls = self.teacher_targets(batch, teacher_temp)
 
         global_crops, local_crops = batch.collated_global_crops, batch.collated_local_crops
-        masks = batch.collated_masks.to(global_crops.device)
+        masks = batch.collated_masks
         has_locals = local_crops.shape[0] > 0
         crops = [global_crops, local_crops] if has_locals else [global_crops]
         crop_masks = [masks, None] if has_locals else [masks]
@@ -221,14 +192,14 @@ class SSLMetaArch(nn.Module):
 
         loss_dict: dict[str, Tensor] = {}
         total = global_cls.new_zeros(())
-        B, n_terms = layout.n_images, layout.n_loss_terms
+        B, n_terms = batch.n_images, batch.n_loss_terms
         dino_cross_entropy = None
         if self.do_dino:
-            local_logits = local_logits.view(layout.n_local_crops, B, -1)
-            global_logits = global_logits.view(layout.n_global_crops, B, -1)
+            local_logits = local_logits.view(batch.n_local_crops, B, -1)
+            global_logits = global_logits.view(batch.n_global_crops, B, -1)
             pair_losses = self.dino_loss.pairwise_cross_entropy
             dino_local = pair_losses(local_logits, cls_targets).sum() / (B * n_terms)
-            global_pairs = pair_losses(global_logits, cls_targets) * self._distinct_crop_pairs(layout)
+            global_pairs = pair_losses(global_logits, cls_targets) * self._distinct_crop_pairs(batch)
             dino_global = global_pairs.sum() / (B * n_terms)
             loss_dict["dino_local_crops_loss"] = dino_local
             loss_dict["dino_global_crops_loss"] = dino_global
@@ -236,29 +207,29 @@ class SSLMetaArch(nn.Module):
             total = total + self.cfg.dino.loss_weight * (dino_local + dino_global)
         if self.do_koleo:
             koleo = self.cfg.dino.koleo_loss_weight * sum(
-                self.koleo_loss(crop_cls) for crop_cls in global_cls.chunk(layout.n_global_crops)
+                self.koleo_loss(crop_cls) for crop_cls in global_cls.chunk(batch.n_global_crops)
             )
-            loss_dict["koleo_loss"] = koleo / layout.n_global_crops
+            loss_dict["koleo_loss"] = koleo / batch.n_global_crops
             total = total + koleo
         if self.do_ibot:
-            teacher_rows_masks = masks.index_select(0, layout.teacher_global_index)
+            teacher_rows_masks = masks.index_select(0, batch.teacher_global_index)
             ibot = self.ibot_patch_loss.forward_masked(
                 patch_logits,
                 patch_targets,
                 student_masks_flat=teacher_rows_masks,
                 masks_weight=batch.masks_weight.to(global_crops.device),
             )
-            loss_dict["ibot_loss"] = ibot / layout.n_teacher_crops
+            loss_dict["ibot_loss"] = ibot / batch.n_teacher_crops
             total = total + self.cfg.ibot.loss_weight * ibot
         return Losses(total, loss_dict, collapse_monitors(cls_targets, teacher_cls, dino_cross_entropy))
 
     @staticmethod
-    def _distinct_crop_pairs(layout: CropLayout) -> Tensor:
+    def _distinct_crop_pairs(batch: SSLMasks) -> Tensor:
         """1 where student global crop s and teacher crop t of image b are different crops: [S, T, B]."""
-        B = layout.n_images
-        device = layout.teacher_global_index.device
-        student_rows = torch.arange(layout.n_global_crops * B, device=device).view(layout.n_global_crops, 1, B)
-        teacher_rows = layout.teacher_global_index.view(1, layout.n_teacher_crops, B)
+        B = batch.n_images
+        device = batch.teacher_global_index.device
+        student_rows = torch.arange(batch.n_global_crops * B, device=device).view(batch.n_global_crops, 1, B)
+        teacher_rows = batch.teacher_global_index.view(1, batch.n_teacher_crops, B)
         return (student_rows != teacher_rows).to(torch.float32)
 
     def forward_backward(self, images: SSLBatch | Mapping[str, Any], teacher_temp: float, scaler=None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -272,7 +243,7 @@ class SSLMetaArch(nn.Module):
         """Teacher <- momentum * teacher + (1 - momentum) * student, parameters only.
 
         Under FSDP the teacher is sharded exactly like the student, so each rank updates its own
-        shards and no communication is needed, once both are in their sharded layout.
+        shards and no communication is needed, once both are in their sharded batch.
         """
         reshard(self.student)
         reshard(self.teacher)
