@@ -6,6 +6,8 @@ Nothing is ever downloaded: the weights file must already be on disk (hospital a
 machines often have no internet access, and silent downloads hide which weights were used).
 """
 # Underscore names: torch.hub.list() reports every public callable of this file as an entry point.
+from typing import Callable as _Callable
+
 from dinov2.models.vision_transformer import ARCHITECTURES as _ARCHITECTURES
 from dinov2.models.vision_transformer import DinoVisionTransformer as _ViT
 from dinov2.models.weights import load_backbone_weights as _load_backbone_weights
@@ -38,41 +40,23 @@ def _make_dinov2_model(
     return model
 
 
-def dinov2_vits14(*, pretrained: bool = True, weights: str | None = None, **kwargs) -> _ViT:
-    """DINOv2 ViT-S/14."""
-    return _make_dinov2_model("vit_small", "dinov2_vits14", False, pretrained, weights, **kwargs)
+def _entry_point(arch: str, name: str, doc: str) -> _Callable[..., _ViT]:
+    """The hub entry point `name` (the release with 4 registers when it ends in "_reg"); torch.hub
+    shows `doc` as its help."""
+
+    def load(*, pretrained: bool = True, weights: str | None = None, **kwargs) -> _ViT:
+        return _make_dinov2_model(arch, name, name.endswith("_reg"), pretrained, weights, **kwargs)
+
+    load.__name__ = load.__qualname__ = name
+    load.__doc__ = doc
+    return load
 
 
-def dinov2_vitb14(*, pretrained: bool = True, weights: str | None = None, **kwargs) -> _ViT:
-    """DINOv2 ViT-B/14."""
-    return _make_dinov2_model("vit_base", "dinov2_vitb14", False, pretrained, weights, **kwargs)
-
-
-def dinov2_vitl14(*, pretrained: bool = True, weights: str | None = None, **kwargs) -> _ViT:
-    """DINOv2 ViT-L/14."""
-    return _make_dinov2_model("vit_large", "dinov2_vitl14", False, pretrained, weights, **kwargs)
-
-
-def dinov2_vitg14(*, pretrained: bool = True, weights: str | None = None, **kwargs) -> _ViT:
-    """DINOv2 ViT-g/14 (SwiGLU feed-forward)."""
-    return _make_dinov2_model("vit_giant2", "dinov2_vitg14", False, pretrained, weights, **kwargs)
-
-
-def dinov2_vits14_reg(*, pretrained: bool = True, weights: str | None = None, **kwargs) -> _ViT:
-    """DINOv2 ViT-S/14 with 4 register tokens."""
-    return _make_dinov2_model("vit_small", "dinov2_vits14_reg", True, pretrained, weights, **kwargs)
-
-
-def dinov2_vitb14_reg(*, pretrained: bool = True, weights: str | None = None, **kwargs) -> _ViT:
-    """DINOv2 ViT-B/14 with 4 register tokens."""
-    return _make_dinov2_model("vit_base", "dinov2_vitb14_reg", True, pretrained, weights, **kwargs)
-
-
-def dinov2_vitl14_reg(*, pretrained: bool = True, weights: str | None = None, **kwargs) -> _ViT:
-    """DINOv2 ViT-L/14 with 4 register tokens."""
-    return _make_dinov2_model("vit_large", "dinov2_vitl14_reg", True, pretrained, weights, **kwargs)
-
-
-def dinov2_vitg14_reg(*, pretrained: bool = True, weights: str | None = None, **kwargs) -> _ViT:
-    """DINOv2 ViT-g/14 (SwiGLU) with 4 register tokens."""
-    return _make_dinov2_model("vit_giant2", "dinov2_vitg14_reg", True, pretrained, weights, **kwargs)
+dinov2_vits14 = _entry_point("vit_small", "dinov2_vits14", "DINOv2 ViT-S/14.")
+dinov2_vitb14 = _entry_point("vit_base", "dinov2_vitb14", "DINOv2 ViT-B/14.")
+dinov2_vitl14 = _entry_point("vit_large", "dinov2_vitl14", "DINOv2 ViT-L/14.")
+dinov2_vitg14 = _entry_point("vit_giant2", "dinov2_vitg14", "DINOv2 ViT-g/14 (SwiGLU feed-forward).")
+dinov2_vits14_reg = _entry_point("vit_small", "dinov2_vits14_reg", "DINOv2 ViT-S/14 with 4 register tokens.")
+dinov2_vitb14_reg = _entry_point("vit_base", "dinov2_vitb14_reg", "DINOv2 ViT-B/14 with 4 register tokens.")
+dinov2_vitl14_reg = _entry_point("vit_large", "dinov2_vitl14_reg", "DINOv2 ViT-L/14 with 4 register tokens.")
+dinov2_vitg14_reg = _entry_point("vit_giant2", "dinov2_vitg14_reg", "DINOv2 ViT-g/14 (SwiGLU) with 4 register tokens.")

@@ -14,7 +14,6 @@ import argparse
 import binascii
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from machine import cpu_model  # bench/machine.py
+from machine import print_load_after, print_run_header, print_targets  # bench/machine.py
 from vet_ext.ingestion.manifest import MANIFEST_NAME, SPLITS, write_manifest
 from vet_ext.pretraining.datasets import VetImages, VetStudies
 from vet_ext.ingestion.views import VIEW_CODES
@@ -113,9 +112,7 @@ def main() -> int:
     parser.add_argument("--studies", type=int, default=700_000)
     parser.add_argument("--workers", type=int, default=8)
     args = parser.parse_args()
-    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"load average before: {os.getloadavg()[0]:.2f} (other processes share these cores)")
-    print(f"machine: {os.cpu_count()} cores, {cpu_model()}, python {platform.python_version()}, pyarrow {pa.__version__}")
+    print_run_header(pa)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         started = time.perf_counter()
@@ -165,9 +162,11 @@ def main() -> int:
     totals = {key: sum(v[key] for v in live) for key in ("rss", "pss", "uss")}
     print(f"{'total (main+workers)':<20}{totals['rss']:>10.0f}{totals['pss']:>10.0f}{totals['uss']:>10.0f}")
     slowest = max(timings.values())
-    print(f"target: open < 10 s ({'met' if slowest < 10 else 'MISSED'}: {slowest:.2f} s), "
-          f"total PSS < 1024 MiB ({'met' if totals['pss'] < 1024 else 'MISSED'}: {totals['pss']:.0f} MiB)")
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    print_targets(
+        ("open < 10 s", slowest < 10, f"{slowest:.2f} s"),
+        ("total PSS < 1024 MiB", totals["pss"] < 1024, f"{totals['pss']:.0f} MiB"),
+    )
+    print_load_after()
     return 0
 
 

@@ -11,8 +11,6 @@ Target: >= 15 images/s per core, uncompressed.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,7 +20,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1
 
-from machine import cpu_model  # bench/machine.py
+from machine import print_load_after, print_run_header, print_targets  # bench/machine.py
 from vet_ext.ingestion.dicom_write import write_dicom
 from vet_ext.ingestion.prepare import PrepareConfig, prepare
 
@@ -65,9 +63,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--cache-size", type=int, default=512)
     args = parser.parse_args()
-    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"load average before: {os.getloadavg()[0]:.2f} (other processes share these cores)")
-    print(f"machine: {os.cpu_count()} cores, {cpu_model()}, python {platform.python_version()}, numpy {np.__version__}")
+    print_run_header(np)
     pixels = radiograph_like()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,9 +91,9 @@ def main() -> int:
     uncompressed = [r[3] for r in results if r[0] == "uncompressed"]
     if uncompressed:
         best = min(uncompressed)
-        print(f"target: >= {TARGET_PER_CORE:.0f} images/s per core uncompressed "
-              f"({'met' if best >= TARGET_PER_CORE else 'MISSED'}: lowest {best:.1f} per worker)")
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+        goal = f">= {TARGET_PER_CORE:.0f} images/s per core uncompressed"
+        print_targets((goal, best >= TARGET_PER_CORE, f"lowest {best:.1f} per worker"))
+    print_load_after()
     return 0
 
 

@@ -107,7 +107,7 @@ def test_every_documented_command_resolves():
     commands = set()
     for path in DOCUMENTED:
         if path.is_file():
-            commands.update(re.findall(r"-m ((?:vet_ext|dinov2)(?:\.\w+)*)", path.read_text(encoding="utf-8")))
+            commands.update(re.findall(r"-m ((?:vet_ext|dinov2)(?:\.\w+)*)(?=[\s`'\")\],]|$)", path.read_text(encoding="utf-8")))
     assert {"vet_ext.prepare", "vet_ext.viz", "vet_ext.demo"} <= commands
     for command in sorted(commands):
         spec = importlib.util.find_spec(command)

@@ -224,5 +224,5 @@ def test_model_weights_that_do_not_fit_are_refused_with_the_keys(tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"teacher": {"backbone.cls_token": torch.zeros(1, 1, 7)}}, bad)
     trainer = train_module.Trainer(setup(_args(tmp_path / "run", *TINY, f"MODEL.WEIGHTS={bad}")))
-    with pytest.raises(UserError, match=r"missing \d+ .*shape mismatch 1 \(backbone.cls_token\)"):
+    with pytest.raises(UserError, match=r"missing keys \d+: .*shape mismatches 1: backbone.cls_token \[1, 1, 7\] in file"):
         trainer.resume_or_load(resume=True)

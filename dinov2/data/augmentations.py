@@ -1,7 +1,9 @@
 """DINOv2's multi-crop augmentation of one image, with explicit randomness."""
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from omegaconf import DictConfig
 
 from dinov2.data.transforms import (
     ColorJitter,
@@ -18,6 +20,28 @@ from dinov2.data.transforms import (
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """The `crops` section of a training config: what every multi-crop augmentation (DINOv2's, and
+    the plug-ins') is built from, read in one place."""
+
+    global_crops_scale: tuple[float, ...]
+    local_crops_scale: tuple[float, ...]
+    local_crops_number: int
+    global_crops_size: int
+    local_crops_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_config(cls, crops: DictConfig) -> "CropGeometry":
+        return cls(
+            global_crops_scale=tuple(crops.global_crops_scale), local_crops_scale=tuple(crops.local_crops_scale),
+            local_crops_number=crops.local_crops_number, global_crops_size=crops.global_crops_size,
+            local_crops_size=crops.local_crops_size, mean=tuple(crops.mean), std=tuple(crops.std),
+        )  # fmt: skip
 
 
 class DataAugmentationDINO:

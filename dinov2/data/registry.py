@@ -59,6 +59,15 @@ def register_dataset(name: str, *, replace: bool = False) -> Callable[[Callable[
     return DATASETS.register(name, replace=replace)
 
 
+def transform_item(
+    image: Any, target: Any, transform: Callable | None, target_transform: Callable | None
+) -> tuple[Any, Any]:
+    """A registered dataset's item: its optional `transform` and `target_transform` (torchvision's
+    convention) applied, so that `make_dataset` can hand the same two to any factory."""
+    image = transform(image) if transform is not None else image
+    return image, target_transform(target) if target_transform is not None else target
+
+
 def register_pipeline(
     name: str, *, replace: bool = False
 ) -> Callable[[Callable[[DictConfig], Pipeline]], Callable[[DictConfig], Pipeline]]:

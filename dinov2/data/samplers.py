@@ -9,7 +9,7 @@ the number of workers, and resuming at sample k with `advance=k` reproduces it e
 import itertools
 import warnings
 from enum import Enum
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -83,10 +83,10 @@ class EpochSampler(Sampler[int]):
         return (self._size - self._start + self._step - 1) // self._step
 
 
-class InfiniteSampler(Sampler[int]):
-    """Endless passes over the data, each a fresh permutation (when shuffling) of which this rank
-    takes every `step`-th element from `start`. One generator seeded once drives all passes, so
-    resuming has to replay the skipped passes' draws (cheap only for small datasets)."""
+class _EndlessPasses(Sampler[int]):
+    """What the infinite samplers share: this rank's shard of endless passes over `sample_count`
+    samples, resumable at `advance` (indices this rank has already consumed), which a subclass
+    yields with their pass number from `iter_with_pass`."""
 
     def __init__(
         self,
@@ -106,6 +106,15 @@ class InfiniteSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return (index for index, _ in self.iter_with_pass())
+
+    def iter_with_pass(self) -> Iterator[tuple[int, int]]:
+        raise NotImplementedError
+
+
+class InfiniteSampler(_EndlessPasses):
+    """Endless passes over the data, each a fresh permutation (when shuffling) of which this rank
+    takes every `step`-th element from `start`. One generator seeded once drives all passes, so
+    resuming has to replay the skipped passes' draws (cheap only for small datasets)."""
 
     def iter_with_pass(self) -> Iterator[tuple[int, int]]:
         """(index, pass number) pairs, after skipping the first `advance` of them."""
@@ -131,7 +140,7 @@ def _lazy_randperm(size: int, generator: torch.Generator) -> Iterator[int]:
         yield perm[i]
 
 
-class ShardedInfiniteSampler(Sampler[int]):
+class ShardedInfiniteSampler(_EndlessPasses):
     """Endless passes over one global permutation, of which each rank shuffles its own disjoint
     slice `perm[start::step]` anew in every pass.
 
@@ -139,34 +148,18 @@ class ShardedInfiniteSampler(Sampler[int]):
     (the number of indices this rank has already consumed) costs nothing however large. When
     shuffling, a pass has `sample_count // step` indices per rank (the tail that does not divide
     evenly is dropped, with a warning, so that all ranks stay in step). `use_new_shuffle_tensor_slice`
-    selects upstream's faster randperm-based slice shuffle (a different sequence).
+    selects upstream's faster randperm-based slice shuffle (a different sequence); the other
+    arguments are InfiniteSampler's.
     """
 
-    def __init__(
-        self,
-        *,
-        sample_count: int,
-        shuffle: bool = False,
-        seed: int = 0,
-        start: int | None = None,
-        step: int | None = None,
-        advance: int = 0,
-        use_new_shuffle_tensor_slice: bool = False,
-    ):
-        self._sample_count = sample_count
-        self._shuffle = shuffle
-        self._seed = seed
-        self._start, self._step = _resolve_shard(sample_count, start, step)
-        self._advance = _check_advance(advance)
+    def __init__(self, *, use_new_shuffle_tensor_slice: bool = False, **passes: Any):
+        super().__init__(**passes)
         self._use_new_shuffle = use_new_shuffle_tensor_slice
-        if shuffle and sample_count < self._step:
-            raise UserError(f"sampler: {sample_count} samples cannot be shared among {self._step} ranks")
-        if shuffle and sample_count % self._step:
-            unused = sample_count % self._step
+        if self._shuffle and self._sample_count < self._step:
+            raise UserError(f"sampler: {self._sample_count} samples cannot be shared among {self._step} ranks")
+        if self._shuffle and self._sample_count % self._step:
+            unused = self._sample_count % self._step
             warnings.warn(f"sampler: {unused} samples per pass are never used (not divisible by {self._step} ranks)")
-
-    def __iter__(self) -> Iterator[int]:
-        return (index for index, _ in self.iter_with_pass())
 
     def iter_with_pass(self) -> Iterator[tuple[int, int]]:
         """(index, pass number) pairs, after skipping the first `advance` of them."""

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from dinov2 import distributed
 from dinov2.eval.linear_heads import head_loss
+from dinov2.models.weights import state_differences
 from dinov2.utils.errors import UserError
 from dinov2.utils.io import atomic_write
 
@@ -87,19 +88,19 @@ def start_checkpoint(output_dir: Path, resume: bool, classifier_fpath: str | Non
 def _heads_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
     """Why saved heads cannot be loaded, in head names and shapes ("" when they fit): names carry
     the blocks, pooling and learning rate, shapes the backbone width and the number of classes."""
+    differences = state_differences(expected, found)
     head = lambda key: key.rsplit(".linear.", 1)[0]  # noqa: E731
-    missing = sorted({head(key) for key in expected.keys() - found.keys()})
-    unexpected = sorted({head(key) for key in found.keys() - expected.keys()})
-    reshaped = [key for key in expected.keys() & found.keys() if expected[key].shape != found[key].shape]
+    missing = sorted({head(key) for key in differences.missing})
+    unexpected = sorted({head(key) for key in differences.unexpected})
     problems = []
     if missing:
         problems.append(f"{len(missing)} head(s) of this run not in the file, e.g. {missing[0]}")
     if unexpected:
         problems.append(f"{len(unexpected)} head(s) in the file not in this run, e.g. {unexpected[0]}")
-    if reshaped:
-        key = sorted(reshaped)[0]
-        problems.append(f"{key} is {list(found[key].shape)} in the file, {list(expected[key].shape)} here "
-                        "(other backbone width or number of classes)")
+    if differences.reshaped:
+        key = sorted(differences.reshaped)[0]
+        in_file, here = differences.reshaped[key]
+        problems.append(f"{key} is {in_file} in the file, {here} here (other backbone width or number of classes)")
     return "; ".join(problems)
 
 

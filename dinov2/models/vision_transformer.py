@@ -270,46 +270,35 @@ class DinoVisionTransformer(nn.Module):
         return self.head(features["x_norm_clstoken"])
 
 
-def _vit(
-    embed_dim: int, depth: int, num_heads: int, patch_size: int, num_register_tokens: int, **kwargs
-) -> DinoVisionTransformer:
-    return DinoVisionTransformer(
-        patch_size=patch_size,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=num_heads,
-        mlp_ratio=4,
-        num_register_tokens=num_register_tokens,
-        **kwargs,
-    )
-
-
 # `student.arch` names; a plug-in (or a test) registers its own as `ARCHITECTURES.register(name, factory)`
 ARCHITECTURES: Registry[Callable[..., DinoVisionTransformer]] = Registry("architecture")
 
 
-@ARCHITECTURES.register("vit_tiny")
-def vit_tiny(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    """ViT-Ti (DeiT's width 192, 3 heads): not released by DINOv2; for CPU demos and quick studies."""
-    return _vit(192, 12, 3, patch_size, num_register_tokens, **kwargs)
+def _architecture(
+    name: str, embed_dim: int, depth: int, num_heads: int, doc: str | None = None
+) -> Callable[..., DinoVisionTransformer]:
+    """Registers `name`: a ViT of this size with upstream's MLP ratio 4, whose patch size, registers
+    and other constructor arguments the caller chooses."""
+
+    def build(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
+        return DinoVisionTransformer(
+            patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4,
+            num_register_tokens=num_register_tokens, **kwargs,
+        )  # fmt: skip
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = doc
+    return ARCHITECTURES.register(name, build)
 
 
-@ARCHITECTURES.register("vit_small")
-def vit_small(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    return _vit(384, 12, 6, patch_size, num_register_tokens, **kwargs)
-
-
-@ARCHITECTURES.register("vit_base")
-def vit_base(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    return _vit(768, 12, 12, patch_size, num_register_tokens, **kwargs)
-
-
-@ARCHITECTURES.register("vit_large")
-def vit_large(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    return _vit(1024, 24, 16, patch_size, num_register_tokens, **kwargs)
-
-
-@ARCHITECTURES.register("vit_giant2")
-def vit_giant2(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    """ViT-g/14 as in the DINOv2 paper: width 1536, 24 heads of 64."""
-    return _vit(1536, 40, 24, patch_size, num_register_tokens, **kwargs)
+vit_tiny = _architecture(
+    "vit_tiny", embed_dim=192, depth=12, num_heads=3,
+    doc="ViT-Ti (DeiT's width 192, 3 heads): not released by DINOv2; for CPU demos and quick studies.",
+)  # fmt: skip
+vit_small = _architecture("vit_small", embed_dim=384, depth=12, num_heads=6)
+vit_base = _architecture("vit_base", embed_dim=768, depth=12, num_heads=12)
+vit_large = _architecture("vit_large", embed_dim=1024, depth=24, num_heads=16)
+vit_giant2 = _architecture(
+    "vit_giant2", embed_dim=1536, depth=40, num_heads=24,
+    doc="ViT-g/14 as in the DINOv2 paper: width 1536, 24 heads of 64.",
+)  # fmt: skip

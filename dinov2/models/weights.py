@@ -10,6 +10,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,17 +108,33 @@ def _preview(keys: list[str]) -> str:
     return f"{len(keys)}: {shown}" + (", ..." if len(keys) > SHOWN_KEYS else "")
 
 
-def _mismatch_report(
-    source: str, missing: list[str], unexpected: list[str], wrong_shapes: list[str]
-) -> str:
-    parts = []
-    if missing:
-        parts.append(f"missing keys {_preview(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys {_preview(unexpected)}")
-    if wrong_shapes:
-        parts.append(f"shape mismatches {_preview(wrong_shapes)}")
-    return f"{source}: weights do not fit the model: " + "; ".join(parts)
+@dataclass(frozen=True)
+class StateDifferences:
+    """How a state dict differs from the one a module expects; false when it fits."""
+
+    missing: list[str]
+    unexpected: list[str]
+    reshaped: dict[str, tuple[list[int], list[int]]]  # key -> (shape found, shape expected)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.reshaped)
+
+    def describe(self) -> str:
+        shapes = [f"{key} {found} in file vs {wanted} in model" for key, (found, wanted) in self.reshaped.items()]
+        parts = [f"{label} {_preview(keys)}" for label, keys in
+                 (("missing keys", self.missing), ("unexpected keys", self.unexpected), ("shape mismatches", shapes)) if keys]
+        return "; ".join(parts)  # fmt: skip
+
+
+def state_differences(expected: Mapping[str, Tensor | torch.Size], found: Mapping[str, Tensor]) -> StateDifferences:
+    """Compare by key and shape; `expected` may hold tensors or shapes (a sharded module's full shapes)."""
+    shape = lambda value: list(value.shape if isinstance(value, Tensor) else value)  # noqa: E731
+    return StateDifferences(
+        missing=[key for key in expected if key not in found],
+        unexpected=[key for key in found if key not in expected],
+        reshaped={key: (shape(value), shape(expected[key])) for key, value in found.items()
+                  if key in expected and shape(value) != shape(expected[key])},
+    )  # fmt: skip
 
 
 def resample_pos_embed(pos_embed: Tensor, grid_size: int) -> Tensor:
@@ -160,15 +177,9 @@ def load_backbone_weights(
         wanted = expected["pos_embed"].shape
         if state["pos_embed"].shape != wanted:
             state["pos_embed"] = resample_pos_embed(state["pos_embed"], math.isqrt(wanted[1] - 1))
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    wrong_shapes = [
-        f"{key} {list(value.shape)} in file vs {list(expected[key].shape)} in model"
-        for key, value in state.items()
-        if key in expected and value.shape != expected[key].shape
-    ]
-    if wrong_shapes or (strict and (missing or unexpected)):
-        raise UserError(_mismatch_report(source, missing, unexpected, wrong_shapes))
+    differences = state_differences(expected, state)
+    if differences.reshaped or (strict and differences):
+        raise UserError(f"{source}: weights do not fit the model: {differences.describe()}")
     return model.load_state_dict(state, strict=strict)
 
 

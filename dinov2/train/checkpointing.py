@@ -27,6 +27,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 
 from dinov2 import distributed
 from dinov2.fsdp import load_full_module_state, module_shapes
+from dinov2.models.weights import state_differences
 from dinov2.utils.errors import UserError
 from dinov2.utils.io import atomic_write, atomic_write_text
 
@@ -155,12 +156,7 @@ def export_teacher(output_dir: str | os.PathLike, tag: str, teacher_state: dict[
 
 def load_strict(module: torch.nn.Module, state: dict, what: str) -> None:
     """Load whole tensors, however the module is spread, after checking every key and shape."""
-    own = module_shapes(module)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state) if own[k] != state[k].shape)
-    if missing or unexpected or mismatched:
-        problems = [f"{label} {len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
-                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
-        raise UserError(f"{what} does not fit the model: " + "; ".join(problems))
+    differences = state_differences(module_shapes(module), state)
+    if differences:
+        raise UserError(f"{what} does not fit the model: {differences.describe()}")
     load_full_module_state(module, state)

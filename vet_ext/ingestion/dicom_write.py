@@ -7,6 +7,7 @@ decoder then checks it on every phantom read-back.
 """
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -31,29 +32,10 @@ PYDICOM_ENCODED = (RLELossless, JPEG2000Lossless)
 JPEG_LOSSLESS = (JPEGLosslessSV1, JPEGLossless)
 
 
-def write_dicom(
-    path: str | os.PathLike,
-    pixels_uint16: np.ndarray,
-    *,
-    study_uid: str,
-    sop_uid: str,
-    view_position: str | None,
-    photometric: str,
-    bits_stored: int,
-    transfer_syntax: str,
-    **meta,
-) -> Path:
-    """Write one DX image atomically (temp file + rename), so a killed run leaves no half file."""
-    ds = make_dx_dataset(
-        pixels_uint16,
-        study_uid=study_uid,
-        sop_uid=sop_uid,
-        view_position=view_position,
-        photometric=photometric,
-        bits_stored=bits_stored,
-        transfer_syntax=transfer_syntax,
-        **meta,
-    )
+def write_dicom(path: str | os.PathLike, pixels_uint16: np.ndarray, **dataset_fields: Any) -> Path:
+    """Write `make_dx_dataset(pixels_uint16, **dataset_fields)` atomically (temp file + rename), so a
+    killed run leaves no half file."""
+    ds = make_dx_dataset(pixels_uint16, **dataset_fields)
     return atomic_write(path, lambda stream: ds.save_as(stream, enforce_file_format=True))
 
 

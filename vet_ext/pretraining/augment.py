@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from omegaconf import DictConfig
 
-from dinov2.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
+from dinov2.data.augmentations import CropGeometry
 from dinov2.data.transforms import random_resized_crop_params
 from dinov2.utils.errors import UserError
 from vet_ext.pretraining.crop_render import BRIGHTNESS, CONTRAST, GAMMA, CropGroupPlan, render_crops, to_unit_float
@@ -191,27 +191,17 @@ class MultiViewAugmentation:
     so it still contributes; dropping such studies is the dataset's business, not this class's.
     """
 
-    def __init__(
-        self,
-        global_crops_scale: Sequence[float],
-        local_crops_scale: Sequence[float],
-        local_crops_number: int,
-        global_crops_size: int = 224,
-        local_crops_size: int = 98,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        settings: AugmentationSettings = AugmentationSettings(),
-    ):
-        self.local_crops_number = local_crops_number
-        self.global_crops_size, self.local_crops_size = global_crops_size, local_crops_size
-        self.mean, self.std = tuple(mean), tuple(std)
+    def __init__(self, geometry: CropGeometry, settings: AugmentationSettings = AugmentationSettings()):
+        self.local_crops_number = geometry.local_crops_number
+        self.global_crops_size, self.local_crops_size = geometry.global_crops_size, geometry.local_crops_size
+        self.mean, self.std = geometry.mean, geometry.std
         first_blur, second_blur = settings.global_blur_probability
-        global_scale, local_scale = tuple(global_crops_scale), tuple(local_crops_scale)
+        global_scale = geometry.global_crops_scale
         self.global_recipes = (
             CropRecipe(global_scale, settings, first_blur),
             CropRecipe(global_scale, settings, second_blur, solarize_probability=settings.solarize_probability),
         )
-        self.local_recipe = CropRecipe(local_scale, settings, settings.local_blur_probability)
+        self.local_recipe = CropRecipe(geometry.local_crops_scale, settings, settings.local_blur_probability)
 
     @staticmethod
     def draw_view_pair(n_views: int, generator: torch.Generator) -> tuple[int, int]:
@@ -252,17 +242,7 @@ class MultiViewAugmentation:
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "MultiViewAugmentation":
-        crops = cfg.crops
-        return cls(
-            global_crops_scale=tuple(crops.global_crops_scale),
-            local_crops_scale=tuple(crops.local_crops_scale),
-            local_crops_number=crops.local_crops_number,
-            global_crops_size=crops.global_crops_size,
-            local_crops_size=crops.local_crops_size,
-            mean=tuple(crops.mean),
-            std=tuple(crops.std),
-            settings=settings_from_config(cfg),
-        )
+        return cls(CropGeometry.from_config(cfg.crops), settings_from_config(cfg))
 
 
 class MultiViewPlanning:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from dinov2.data.registry import register_dataset
+from dinov2.data.registry import register_dataset, transform_item
 from dinov2.utils.errors import UserError
 from vet_ext.ingestion.cache import ShardReader
 from vet_ext.ingestion.manifest import check_split, open_manifest, read_manifest
@@ -154,13 +154,9 @@ class VetStudies(_PreparedIndex):
         return range(self._study_offsets[index], self._study_offsets[index + 1])
 
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor] | Any, torch.Tensor | Any]:
-        views: list[torch.Tensor] | Any = [self._image(row) for row in self._rows(index)]
-        target: torch.Tensor | Any = torch.from_numpy(self._targets[index].copy())
-        if self.transform is not None:
-            views = self.transform(views)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return views, target
+        views = [self._image(row) for row in self._rows(index)]
+        target = torch.from_numpy(self._targets[index].copy())
+        return transform_item(views, target, self.transform, self.target_transform)
 
     def view_codes(self, index: int) -> list[str]:
         return [VIEW_CODES[code] for code in self._view[self._rows(index).start : self._rows(index).stop]]
@@ -208,16 +204,12 @@ class VetImages(_PreparedIndex):
         return len(self._shard)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | Any, int | float | torch.Tensor | Any]:
-        image: torch.Tensor | Any = self._image(index)
+        image = self._image(index)
         if self.single_label:
-            target: Any = self._targets[index].item()
+            target: int | float | torch.Tensor = self._targets[index].item()
         else:
             target = torch.from_numpy(self._targets[index].copy())
-        if self.transform is not None:
-            image = self.transform(image)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return image, target
+        return transform_item(image, target, self.transform, self.target_transform)
 
     def view_codes(self, index: int) -> list[str]:
         return [VIEW_CODES[self._view[index]]]

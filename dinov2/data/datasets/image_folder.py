@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dinov2.data.registry import register_dataset
+from dinov2.data.registry import register_dataset, transform_item
 from dinov2.utils.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -59,11 +59,7 @@ class ImageFolder:
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, target = load_image_uint8(self.paths[index]), int(self.targets[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return image, target
+        return transform_item(image, target, self.transform, self.target_transform)
 
 
 @register_dataset("ImageFolder")

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from dinov2.data.datasets.image_folder import load_image_uint8
-from dinov2.data.registry import register_dataset
+from dinov2.data.registry import register_dataset, transform_item
 from dinov2.utils.cli import run_cli
 from dinov2.utils.errors import UserError
 from dinov2.utils.io import atomic_write
@@ -188,12 +188,8 @@ class ImageNet:
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = load_image_uint8(self.image_path(index))
         image = image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image  # as PIL .convert("RGB")
-        target: Any = self.get_target(index)
-        if self.transform is not None:
-            image = self.transform(image)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return image, target
+        target = self.get_target(index)
+        return transform_item(image, target, self.transform, self.target_transform)
 
 
 @register_dataset("ImageNet")

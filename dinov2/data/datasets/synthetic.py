@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from dinov2.data.registry import register_dataset
+from dinov2.data.registry import register_dataset, transform_item
 from dinov2.utils.errors import UserError
 
 _SHAPES = ("disc", "square", "ring", "stripes")
@@ -84,11 +84,7 @@ class SyntheticImages:
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, target = self.image(index), index % self.classes
-        if self.transform is not None:
-            image = self.transform(image)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return image, target
+        return transform_item(image, target, self.transform, self.target_transform)
 
 
 @register_dataset("Synthetic")
