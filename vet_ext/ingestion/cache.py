@@ -39,16 +39,29 @@ def cache_shape(height: int, width: int, cache_size: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def to_cache_image(frame: np.ndarray, cache_size: int) -> np.ndarray:
+def to_cache_image(
+    frame: np.ndarray, cache_size: int, *, level: int = 0, full_shape: tuple[int, int] | None = None
+) -> np.ndarray:
     """A display-ready float frame in [0, 1] -> the uint8 image stored in the cache.
 
     Box (area) filtering averages every source pixel into the smaller grid, so fine structure
     is antialiased rather than aliased into moire as nearest/bilinear decimation would do.
+
+    A frame a codec decoded `level` halvings down (JPEG 2000, see `decoders`) is already
+    low-passed, and its sample j sits on pixel 2**level * j of the full image rather than at the
+    centre of the block it stands for; it is resampled bilinearly onto the cache grid of the full
+    image with that offset, so the cached image lands where a full decode would have put it.
     """
     height, width = frame.shape
-    target = cache_shape(height, width, cache_size)
+    scale = 2**level
+    target = cache_shape(height * scale, width * scale, cache_size) if level else cache_shape(height, width, cache_size)
     image = np.asarray(frame, dtype=np.float32)
-    if target != (height, width):
+    if level:
+        offset = (scale - 1) / (2 * scale)  # full-image block centres in the reduced grid's coordinates
+        padded = np.pad(image, ((0, 1), (0, 1)), mode="edge")
+        box = (offset, offset, width + offset, height + offset)
+        image = np.asarray(Image.fromarray(padded).resize((target[1], target[0]), Image.Resampling.BILINEAR, box=box))
+    elif target != (height, width):
         resized = Image.fromarray(image).resize((target[1], target[0]), Image.Resampling.BOX)
         image = np.asarray(resized, dtype=np.float32)
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)

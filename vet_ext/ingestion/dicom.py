@@ -17,12 +17,13 @@ import pydicom
 import pydicom.multival
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
+from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.pixels.processing import apply_voi
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from vet_ext.ingestion.decoders import DecodedPixels, decode_pixels
 from vet_ext.ingestion.views import VIEW_CODES, derive_view
-from vet_ext.ingestion.windowing import percentile_window, voi_window
+from vet_ext.ingestion.windowing import linear_window, percentile_bounds, percentile_sample, voi_window
 
 __all__ = ["VIEW_CODES", "DicomError", "DicomImage", "read_dicom", "read_metadata"]
 
@@ -60,9 +61,12 @@ class DicomError(Exception):
 
 @dataclass
 class DicomImage:
-    """A decoded radiograph; `frames` is empty when read without pixels."""
+    """A decoded radiograph; `frames` is empty when read without pixels, `decoder` names what decoded them."""
 
     frames: list[np.ndarray]
+    transfer_syntax: str
+    decoder: str
+    resolution_level: int  # > 0: frames decoded at 1 / 2**level of rows x columns (see decoders)
     study_id: str
     image_id: str
     view: str
@@ -79,13 +83,20 @@ def read_metadata(path: str | os.PathLike) -> DicomImage:
     return read_dicom(path, read_pixels=False)
 
 
-def read_dicom(path: str | os.PathLike, *, read_pixels: bool = True) -> DicomImage:
-    """Read one file; raises `DicomError` for anything that keeps it from being displayed."""
+def read_dicom(path: str | os.PathLike, *, read_pixels: bool = True, display_size: int | None = None) -> DicomImage:
+    """Read one file; raises `DicomError` for anything that keeps it from being displayed.
+
+    `display_size`: the long side the caller will shrink the frames to; a codec that can decode
+    at a reduced resolution still at least that large (JPEG 2000) then does.
+    """
     ds = _open(path, read_pixels)
     _check_image_description(path, ds, read_pixels)
-    frames = _display_frames(path, ds) if read_pixels else []
+    frames, decoded = _display_frames(path, ds, display_size) if read_pixels else ([], DecodedPixels(None, ""))
     return DicomImage(
         frames=frames,
+        transfer_syntax=UID(ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian)).name,
+        decoder=decoded.decoder,
+        resolution_level=decoded.level,
         study_id=_study_id(path, ds),
         image_id=_text(ds, "SOPInstanceUID") or _path_hash(path),
         view=_view(ds),
@@ -153,20 +164,35 @@ def _check_image_description(path: str | os.PathLike, ds: Dataset, read_pixels: 
 # --- pixels --------------------------------------------------------------------------------
 
 
-def _display_frames(path: str | os.PathLike, ds: Dataset) -> list[np.ndarray]:
-    stored = _decode(path, ds)
+def _display_frames(path: str | os.PathLike, ds: Dataset, display_size: int | None) -> tuple[list[np.ndarray], DecodedPixels]:
+    decoded = _decode(path, ds, display_size)
     photometric = _text(ds, "PhotometricInterpretation").upper()
     if photometric in COLOR:
-        return [_luma(frame, ds) for frame in _split_frames(stored, ds, color=True)]
-    display = []
-    for frame in _split_frames(stored, ds, color=False):
-        values = apply_modality_lut(frame, ds)
-        shown = _apply_voi(values, ds)
-        display.append((1.0 - shown if photometric == "MONOCHROME1" else shown).astype(np.float32))
-    return display
+        return [_luma(frame, ds) for frame in _split_frames(decoded.values, ds, color=True)], decoded
+    invert = photometric == "MONOCHROME1"
+    return [_display(frame, ds, invert) for frame in _split_frames(decoded.values, ds, color=False)], decoded
 
 
-def _decode(path: str | os.PathLike, ds: Dataset) -> np.ndarray:
+def _display(frame: np.ndarray, ds: Dataset, invert: bool) -> np.ndarray:
+    """Stored values -> display brightness (float32): modality LUT, VOI or robust window, MONOCHROME1.
+
+    Every step maps each stored value on its own, so an unsigned frame goes through a table over
+    0..max computed with the same float64 arithmetic: identical output, at the cost of one
+    lookup per pixel instead of several passes of float64 over 5 million pixels.
+    """
+    if frame.dtype.kind == "u" and frame.dtype.itemsize <= 2:
+        table = apply_modality_lut(np.arange(int(frame.max()) + 1, dtype=frame.dtype), ds)
+        shown = _apply_voi(table, ds, sample=table[percentile_sample(frame)])
+        return _invert(shown, invert).astype(np.float32)[frame]
+    values = apply_modality_lut(frame, ds)
+    return _invert(_apply_voi(values, ds, sample=percentile_sample(values)), invert).astype(np.float32)
+
+
+def _invert(shown: np.ndarray, invert: bool) -> np.ndarray:
+    return 1.0 - shown if invert else shown
+
+
+def _decode(path: str | os.PathLike, ds: Dataset, display_size: int | None) -> DecodedPixels:
     syntax = UID(ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian))
     if not syntax.is_compressed:
         _check_native_length(path, ds)
@@ -177,7 +203,7 @@ def _decode(path: str | os.PathLike, ds: Dataset) -> np.ndarray:
     if not decoder.is_available:
         raise DicomError(path, "unsupported transfer syntax", f"no decoder installed for {syntax.name}")
     try:
-        return pixel_array(ds)
+        return decode_pixels(ds, display_size)
     except Exception as exc:
         raise DicomError(path, "decode failed", f"{type(exc).__name__}: {exc}") from exc
 
@@ -210,8 +236,8 @@ def _luma(frame: np.ndarray, ds: Dataset) -> np.ndarray:
     return (rgb @ np.array([0.299, 0.587, 0.114])).astype(np.float32)
 
 
-def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Map modality values to [0, 1] with the file's own VOI, else robust percentiles."""
+def _apply_voi(values: np.ndarray, ds: Dataset, sample: np.ndarray) -> np.ndarray:
+    """Map modality values to [0, 1] (float64) with the file's own VOI, else the robust range of `sample`."""
     if ds.get("VOILUTSequence"):
         return _apply_voi_lut_sequence(values, ds)
     if "WindowCenter" in ds and "WindowWidth" in ds:
@@ -220,7 +246,7 @@ def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
         function = _text(ds, "VOILUTFunction").upper() or "LINEAR"
         if width >= 1 or (width > 0 and function != "LINEAR"):
             return voi_window(values, center, width, function)
-    return percentile_window(values)
+    return linear_window(values, *percentile_bounds(sample))
 
 
 def _apply_voi_lut_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray:

@@ -3,7 +3,8 @@
 pydicom can encode RLE and (through openjpeg) JPEG 2000, but nothing installed here encodes
 JPEG Lossless (Process 14), the most common syntax in clinic archives. A lossless JPEG encoder
 is small (predict, Huffman-code the differences), so one lives here; the installed pylibjpeg
-decoder then checks it on every phantom read-back.
+decoder then checks it on every phantom read-back. JPEG-LS codestreams come from CharLS
+(through imagecodecs, when installed).
 """
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGLossless,
     JPEGLosslessSV1,
+    JPEGLSLossless,
     RLELossless,
 )
 
@@ -114,17 +116,26 @@ def _set_pixel_data(ds: Dataset, frames: np.ndarray, syntax: UID) -> None:
         ds["PixelData"].VR = "OB" if frames.dtype.itemsize == 1 else "OW"
     elif syntax in PYDICOM_ENCODED:
         ds.compress(syntax, little if len(frames) > 1 else little[0], generate_instance_uid=False)
-    elif syntax in JPEG_LOSSLESS:
+    elif syntax in (*JPEG_LOSSLESS, JPEGLSLossless):
         if ds.PixelRepresentation != 0 or ds.SamplesPerPixel != 1:
-            raise UserError("write_dicom: the JPEG Lossless writer handles unsigned grayscale only")
-        predictor = 1 if syntax == JPEGLosslessSV1 else 7
-        encoded = [encode_jpeg_lossless(frame, int(ds.BitsStored), predictor) for frame in frames]
+            raise UserError(f"write_dicom: the {syntax.name} writer handles unsigned grayscale only")
+        encoded = [_encode_frame(frame, syntax, int(ds.BitsStored)) for frame in frames]
         ds.file_meta.TransferSyntaxUID = syntax
         ds.PixelData = encapsulate(encoded)
         ds["PixelData"].VR = "OB"
         ds["PixelData"].is_undefined_length = True
     else:
         raise UserError(f"write_dicom: cannot encode transfer syntax {syntax} ({syntax.name})")
+
+
+def _encode_frame(frame: np.ndarray, syntax: UID, bits_stored: int) -> bytes:
+    if syntax != JPEGLSLossless:
+        return encode_jpeg_lossless(frame, bits_stored, predictor=1 if syntax == JPEGLosslessSV1 else 7)
+    try:
+        import imagecodecs
+    except ImportError as exc:
+        raise UserError("write_dicom: JPEG-LS needs imagecodecs (pip install imagecodecs)") from exc
+    return imagecodecs.jpegls_encode(np.ascontiguousarray(frame), level=0)
 
 
 # --- JPEG Lossless (ITU T.81 Annex H), one component, point transform 0 ----------------------

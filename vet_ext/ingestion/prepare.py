@@ -80,9 +80,10 @@ def _empty_columns() -> dict[str, list]:
 
 def collect_images(
     records: Iterable[dict[str, Any]], current: dict[str, dict[str, Any]]
-) -> tuple[dict[str, list], list[dict[str, str]]]:
-    """Columns of every image row, and the errors, of records whose file is still in the tree unchanged."""
-    columns, errors = _empty_columns(), []
+) -> tuple[dict[str, list], list[dict[str, str]], dict[str, dict[str, int]]]:
+    """Columns of every image row, the errors, and the files per decoder (per transfer syntax), of
+    the records whose file is still in the tree unchanged."""
+    columns, errors, decoders = _empty_columns(), [], {}
     latest: dict[str, dict[str, Any]] = {}
     for record in records:
         if current.get(record["key"]["path"]) == record["key"]:
@@ -92,11 +93,14 @@ def collect_images(
         if record["error"] is not None:
             errors.append({"path": path, **record["error"]})
             continue
+        if record.get("decoder"):
+            per_syntax = decoders.setdefault(record["decoder"]["syntax"], {})
+            per_syntax[record["decoder"]["decoder"]] = per_syntax.get(record["decoder"]["decoder"], 0) + 1
         for row in record["images"]:
             for name in IMAGE_COLUMN_TYPES:
                 columns[name].append(path if name == "source_path" else row[name])
             columns["phi"].append(row.get("phi", {}))
-    return columns, errors
+    return columns, errors, decoders
 
 
 def _resolve_salt(config: PrepareConfig) -> str | None:
@@ -133,7 +137,7 @@ def write_outputs(
     """Rebuild manifest, errors and summary from the committed records and replace them atomically."""
     started = time.perf_counter()
     out = Path(config.out)
-    columns, errors = collect_images(records, current)
+    columns, errors, decoders = collect_images(records, current)
     manifest, label_info = build_manifest(
         columns, seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
         labels=config.labels, keep_phi=config.keep_phi, salt=salt,
@@ -158,6 +162,7 @@ def write_outputs(
             "errors": len(errors_frame),
             "errors_by_reason": {r: int(n) for r, n in errors_frame["reason"].value_counts().sort_index().items()},
         },
+        "decoders": {syntax: dict(sorted(counts.items())) for syntax, counts in sorted(decoders.items())},
         "labels": label_info,
         "timings": {**timings, "outputs_s": round(time.perf_counter() - started, 3)},
     }
@@ -210,7 +215,8 @@ def _append_new_files(
     """
     tasks = [_decode_task(source, config) for source in todo]
     kill_after = int(os.environ.get(KILL_HOOK_ENV, "0"))
-    last_checkpoint, between_files = time.perf_counter(), True
+    started = last_checkpoint = time.perf_counter()
+    between_files = True
     try:
         with tqdm(total=len(tasks), desc="prepare", unit="file", disable=not config.progress) as progress:
             for source, result in zip(todo, decode_all(tasks, config.workers or _default_workers())):
@@ -221,11 +227,13 @@ def _append_new_files(
                     height, width = image.shape
                     rows.append({**meta, "shard": shard, "offset": offset, "height": height, "width": width})
                 error = None if result.error is None else {"reason": result.error[0], "detail": result.error[1]}
-                writer.append_record({"key": source.key, "images": rows, "error": error})
+                writer.append_record({"key": source.key, "images": rows, "error": error, "decoder": result.decoder})
                 between_files = True
                 counters["files_decoded"] += 1
                 counters["images_decoded"] += len(rows)
                 progress.update(1)
+                elapsed = time.perf_counter() - started
+                progress.set_postfix_str(f"{counters['images_decoded'] / elapsed:.1f} images/s", refresh=False)
                 if counters["files_decoded"] == kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if counters["files_decoded"] % config.commit_every == 0:

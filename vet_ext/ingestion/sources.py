@@ -56,6 +56,7 @@ class Decoded:
 
     images: list[tuple[dict[str, Any], np.ndarray]]
     error: tuple[str, str] | None = None
+    decoder: dict[str, str] | None = None  # {"syntax", "decoder"}: reported per syntax in prepare.json
 
 
 class ImageSourceError(Exception):
@@ -144,7 +145,7 @@ def read_image_frames(path: str) -> list[np.ndarray]:
             frames = []
             for frame in ImageSequence.Iterator(image):
                 if frame.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                    frames.append(percentile_window(np.asarray(frame)))
+                    frames.append(percentile_window(np.asarray(frame)).astype(np.float32))
                 else:
                     frames.append(np.asarray(frame.convert("L"), dtype=np.float32) / 255.0)
             return frames
@@ -168,29 +169,34 @@ def decode_source(task: DecodeTask) -> Decoded:
     """Decode one file into cache images; any failure becomes a (reason, detail) so the run goes on."""
     try:
         if task.kind == "dicom":
-            dicom = read_dicom(task.abs_path)
+            dicom = read_dicom(task.abs_path, display_size=task.cache_size)
             frames = dicom.frames
             base = {
                 "study_id": dicom.study_id, "image_id": dicom.image_id, "view": dicom.view,
                 "body_part": dicom.body_part or "", "species": dicom.species or "",
             }  # fmt: skip
             spacing = dicom.pixel_spacing
+            # the file's own size: a codec may have decoded at a reduced resolution
+            source_shape = (dicom.rows, dicom.columns) if dicom.rows and dicom.columns else None
             phi = dicom.phi if task.keep_phi else None
+            decoder = {"syntax": dicom.transfer_syntax, "decoder": dicom.decoder}
+            level = dicom.resolution_level if source_shape else 0
         else:
             frames = read_image_frames(task.abs_path)
             base = {
                 "study_id": task.study_id, "image_id": task.image_id, "view": task.view, "body_part": "", "species": "",
             }  # fmt: skip
-            spacing, phi = None, None
+            spacing, source_shape, phi, level = None, None, None, 0
+            decoder = {"syntax": Path(task.abs_path).suffix.lower().lstrip(".") or "image", "decoder": "pillow"}
         images = []
         for index, frame in enumerate(frames):
-            cached = to_cache_image(frame, task.cache_size)
-            spacing_x, spacing_y = _cached_spacing(spacing, frame.shape, cached.shape)
+            cached = to_cache_image(frame, task.cache_size, level=level, full_shape=source_shape)
+            spacing_x, spacing_y = _cached_spacing(spacing, source_shape or frame.shape, cached.shape)
             meta = {**base, "frame": index, "pixel_spacing_x": spacing_x, "pixel_spacing_y": spacing_y}
             if phi is not None:
                 meta["phi"] = {k: str(v) for k, v in phi.items()}
             images.append((meta, cached))
-        return Decoded(images)
+        return Decoded(images, decoder=decoder)
     except (DicomError, ImageSourceError) as exc:
         return Decoded([], (exc.reason, exc.detail))
     except Exception as exc:  # noqa: BLE001 - one odd file must never stop a long run

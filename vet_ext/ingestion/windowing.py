@@ -25,11 +25,25 @@ def voi_window(values: np.ndarray, center: float, width: float, function: str) -
     return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
-def percentile_window(values: np.ndarray) -> np.ndarray:
-    """The 0.5-99.5 % range of a 2-D image mapped to [0, 1] (float32); a flat image maps to 0."""
+def percentile_sample(image: np.ndarray) -> np.ndarray:
+    """The strided view of a 2-D image the robust range is read from (about PERCENTILE_SAMPLE pixels)."""
+    stride = max(1, int(np.sqrt(image.size / PERCENTILE_SAMPLE)))
+    return image[::stride, ::stride]
+
+
+def percentile_bounds(sample: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(np.asarray(sample, dtype=np.float64), ROBUST_PERCENTILES)
+    return float(low), float(high)
+
+
+def linear_window(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """[low, high] mapped linearly to [0, 1] (float64), clipped; a flat range maps to 0."""
     values = np.asarray(values, dtype=np.float64)
-    stride = max(1, int(np.sqrt(values.size / PERCENTILE_SAMPLE)))
-    low, high = np.percentile(values[::stride, ::stride], ROBUST_PERCENTILES)
     if high <= low:
-        return np.zeros(values.shape, dtype=np.float32)
-    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
+        return np.zeros(values.shape, dtype=np.float64)
+    return np.clip((values - low) / (high - low), 0.0, 1.0)
+
+
+def percentile_window(image: np.ndarray) -> np.ndarray:
+    """The 0.5-99.5 % range of a 2-D image mapped to [0, 1] (float64); a flat image maps to 0."""
+    return linear_window(image, *percentile_bounds(percentile_sample(image)))
