@@ -23,16 +23,19 @@ setup(
         "pylibjpeg-libjpeg",
         "pylibjpeg-openjpeg",
         "pylibjpeg-rle",
+        "imagecodecs",  # why: libjpeg-turbo decodes lossless JPEG ~4x faster than pylibjpeg; CharLS for JPEG-LS
         "pillow",
         "pandas",
         "pyarrow",
         "scikit-learn",
         "matplotlib",
         "tqdm",
+        "safetensors",  # why: .safetensors weights, transformers / timm / RAD-DINO folders (dinov2.models.formats)
     ],
     extras_require={
         "xformers": ["xformers"],
-        "dev": ["pytest", "pytest-timeout"],
+        # transformers only for the tests that open our exports with it; exporting writes its files without it
+        "dev": ["pytest", "pytest-timeout", "transformers"],
     },
     entry_points={
         "dinov2.extensions": ["vet_ext = vet_ext.plugins:register"],

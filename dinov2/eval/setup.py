@@ -49,7 +49,8 @@ def get_args_parser(
     parser.add_argument(
         "--pretrained-weights",
         type=str,
-        help="backbone weights: a teacher export {'teacher': ...}, a training checkpoint or a released hub file",
+        help="backbone weights: a teacher export {'teacher': ...}, a training checkpoint, a released hub file, "
+        "a .safetensors file or a transformers / timm / RAD-DINO folder",
     )
     parser.add_argument("--output-dir", default="", type=str, help="output directory for results and logs")
     parser.add_argument("--opts", help="extra configuration options key=value", default=[], nargs="+")
@@ -145,10 +146,11 @@ def _architecture_from_weights(weights: dict[str, Any], path: str) -> DinoVision
     return DinoVisionTransformer(**kwargs)
 
 
-def build_model_for_eval(cfg: DictConfig | None, pretrained_weights: str | None) -> DinoVisionTransformer:
-    """Teacher-only backbone with the weights loaded strictly, in eval mode, on the GPU if any."""
+def load_backbone(cfg: DictConfig | None, pretrained_weights: str | None) -> DinoVisionTransformer:
+    """Teacher-only backbone on the CPU with the weights loaded strictly, in eval mode."""
     if not pretrained_weights:
-        raise UserError("--pretrained-weights is required (a teacher_checkpoint.pth or a backbone .pth file)")
+        raise UserError("--pretrained-weights is required (a teacher_checkpoint.pth, a backbone .pth or "
+                        ".safetensors file, or a transformers / RAD-DINO folder)")  # fmt: skip
     weights = read_weights_file(pretrained_weights)
     if cfg is None:
         model = _architecture_from_weights(weights, pretrained_weights)
@@ -158,7 +160,12 @@ def build_model_for_eval(cfg: DictConfig | None, pretrained_weights: str | None)
         load_backbone_weights(model, weights, strict=True)
     except UserError as exc:
         raise UserError(f"{pretrained_weights}: {exc}") from None
-    model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
+
+
+def build_model_for_eval(cfg: DictConfig | None, pretrained_weights: str | None) -> DinoVisionTransformer:
+    """`load_backbone`, on the GPU if any."""
+    model = load_backbone(cfg, pretrained_weights)
     if torch.cuda.is_available():
         model.cuda(distributed.get_local_rank())
     return model

@@ -1,7 +1,7 @@
 """Reading backbone weights from any DINOv2 file, whatever wrote it and whatever its layout.
 
-Released hub files, teacher exports of evaluation steps and full training checkpoints nest the
-backbone differently, and the backbone's blocks are stored flat (`blocks.{i}`) or chunked
+Released hub files, teacher exports of evaluation steps, full training checkpoints, safetensors
+files and transformers / timm / RAD-DINO folders (dinov2.models.formats) nest the backbone differently, and the backbone's blocks are stored flat (`blocks.{i}`) or chunked
 (`blocks.{chunk}.{i}`) depending on `block_chunks`. These helpers hide all of that so a user
 never edits keys by hand; keys are only renamed, and positional embeddings are resampled
 only on request (`resize_pos_embed`).
@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinov2.layers.swiglu_ffn import swiglu_hidden_features
+from dinov2.models.formats.files import ARCHITECTURE_KEY, read_weights_source
+from dinov2.models.formats.spec import BLOCK_KEY, swiglu_mlp_ratio
 from dinov2.utils.errors import UserError
 
 # Path segments added by DDP/FSDP/activation checkpointing/torch.compile wrappers.
@@ -26,15 +27,16 @@ WRAPPER_SEGMENTS = frozenset({"module", "_fsdp_wrapped_module", "_checkpoint_wra
 # Where the backbone sits in a training checkpoint's "model" or a teacher export, teacher first.
 BACKBONE_PREFIXES = ("teacher.backbone.", "student.backbone.", "backbone.")
 BACKBONE_MARKERS = ("cls_token", "patch_embed.proj.weight")
-# blocks.{i}.rest (flat) or blocks.{chunk}.{i}.rest (chunked)
-BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(?:(\d+)\.)?(.+)$")
 HEAD_DIM = 64  # every DINOv2 size (S/B/L/g) uses 64 channels per head
 SHOWN_KEYS = 5
 
 
 def read_weights_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The dict stored in a torch file, on CPU, without executing pickled code."""
+    """The dict stored in a torch file, on CPU, without executing pickled code; a .safetensors file
+    or a weights folder comes as a teacher export (see dinov2.models.formats.files)."""
     path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return read_weights_source(path)
     if not path.is_file():
         raise UserError(f"{path}: weights file not found")
     try:
@@ -48,18 +50,20 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
+def _container(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    for name in ("model", "teacher"):
+        if isinstance(obj.get(name), Mapping):
+            return obj[name]
+    return obj
+
+
 def _strip_wrappers(key: str) -> str:
     return ".".join(part for part in key.split(".") if part not in WRAPPER_SEGMENTS)
 
 
 def extract_backbone_state_dict(obj: Mapping[str, Any], source: str = "weights") -> dict[str, Tensor]:
     """Backbone keys only, from a hub file, a {"teacher": ...} export or a {"model": ...} checkpoint."""
-    state = obj
-    for container in ("model", "teacher"):
-        if isinstance(state.get(container), Mapping):
-            state = state[container]
-            break
-    state = {_strip_wrappers(key): value for key, value in state.items()}
+    state = {_strip_wrappers(key): value for key, value in _container(obj).items()}
     for prefix in BACKBONE_PREFIXES:
         backbone = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
         if backbone:
@@ -158,19 +162,21 @@ def load_backbone_weights(
     strict: bool = True,
     *,
     resize_pos_embed: bool = False,
+    source: str | None = None,
 ):
     """Load backbone weights into `model`, renaming block keys to its layout.
 
     Shape mismatches are errors; by default nothing is interpolated (build the model with the
     file's img_size). `resize_pos_embed=True` resamples a square positional-embedding grid to the
     model's, for initialising training at another resolution. Missing/unexpected keys are errors
-    when `strict`. Returns torch's (missing_keys, unexpected_keys).
+    when `strict`. `source` names already-read weights in errors. Returns torch's
+    (missing_keys, unexpected_keys).
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         source = str(path_or_state_dict)
         obj = read_weights_file(path_or_state_dict)
     else:
-        source, obj = "state dict", path_or_state_dict
+        source, obj = source or "state dict", path_or_state_dict
     state = match_block_layout(extract_backbone_state_dict(obj, source), model)
     expected = model.state_dict()
     if resize_pos_embed and "pos_embed" in state and "pos_embed" in expected:
@@ -189,14 +195,6 @@ def _require(state: Mapping[str, Tensor], key: str) -> Tensor:
     return state[key]
 
 
-def _swiglu_mlp_ratio(hidden: int, embed_dim: int) -> float:
-    """An mlp_ratio whose SwiGLU width rounds to `hidden` (4 for every released model)."""
-    for ratio in (4.0, hidden * 1.5 / embed_dim):
-        if swiglu_hidden_features(int(embed_dim * ratio)) == hidden:
-            return ratio
-    raise UserError(f"SwiGLU hidden width {hidden} matches no mlp_ratio for embed_dim {embed_dim}")
-
-
 def _ffn_kwargs(block: Mapping[str, Tensor], embed_dim: int) -> dict[str, Any]:
     if "mlp.fc1.weight" in block:
         hidden = block["mlp.fc1.weight"].shape[0]
@@ -205,7 +203,7 @@ def _ffn_kwargs(block: Mapping[str, Tensor], embed_dim: int) -> dict[str, Any]:
         hidden = block["mlp.w3.weight"].shape[1]
         return {
             "ffn_layer": "swiglufused",
-            "mlp_ratio": _swiglu_mlp_ratio(hidden, embed_dim),
+            "mlp_ratio": swiglu_mlp_ratio(hidden, embed_dim),
             "ffn_bias": "mlp.w12.bias" in block,
         }
     return {"ffn_layer": "identity"}
@@ -214,11 +212,14 @@ def _ffn_kwargs(block: Mapping[str, Tensor], embed_dim: int) -> dict[str, Any]:
 def infer_backbone_kwargs(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """DinoVisionTransformer kwargs that recreate the architecture stored in `state_dict`.
 
-    Lets a released or exported file be opened with no config. Interpolation settings
-    (antialias, offset) are not stored in weights and keep the constructor defaults; the number of
-    heads assumes DINOv2's 64 channels per head.
+    Lets a released or exported file be opened with no config. A transformers or timm folder's
+    config says everything (heads, interpolation); otherwise interpolation settings (antialias,
+    offset) are not stored in weights and keep the constructor defaults, and the number of heads
+    assumes DINOv2's 64 channels per head.
     """
     state = extract_backbone_state_dict(state_dict)
+    if isinstance(state_dict.get(ARCHITECTURE_KEY), Mapping):
+        return dict(state_dict[ARCHITECTURE_KEY])
     embed_dim = _require(state, "cls_token").shape[-1]
     in_chans, patch_size = _require(state, "patch_embed.proj.weight").shape[1:3]
     positions = _require(state, "pos_embed").shape[1] - 1
@@ -255,3 +256,35 @@ def infer_backbone_kwargs(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         "num_register_tokens": registers.shape[1] if registers is not None else 0,
         **_ffn_kwargs(first, embed_dim),
     }
+
+
+def extract_head_state_dict(obj: Mapping[str, Any], head: str = "dino_head") -> dict[str, Tensor]:
+    """The `head` module's keys (empty when the file has none): from a teacher export, a training
+    checkpoint's teacher, or a RAD-DINO-layout folder."""
+    state = {_strip_wrappers(key): value for key, value in _container(obj).items()}
+    for prefix in (f"teacher.{head}.", f"{head}."):
+        found = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        if found:
+            return found
+    return {}
+
+
+def load_head_weights(heads: Mapping[str, nn.Module], obj: Mapping[str, Any], source: str) -> list[str]:
+    """Load each of `heads` (name -> module) that the weights hold, strictly; returns the names loaded.
+
+    Continuing pretraining from a teacher export or RAD-DINO's release starts from its trained DINO
+    head, so no head warm-up is needed; a head the file lacks keeps its fresh initialisation.
+    """
+    loaded = []
+    for name, module in heads.items():
+        state = extract_head_state_dict(obj, name)
+        if not state:
+            continue
+        differences = state_differences(module.state_dict(), state)
+        if differences:
+            config = "dino" if name == "dino_head" else "ibot"
+            raise UserError(f"{source}: {name} does not fit the configured head ({config}.head_n_prototypes, "
+                            f"head_hidden_dim, head_bottleneck_dim, head_nlayers): {differences.describe()}")  # fmt: skip
+        module.load_state_dict(state)
+        loaded.append(name)
+    return loaded

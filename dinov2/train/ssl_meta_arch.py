@@ -21,7 +21,7 @@ from dinov2.fsdp import full_module_state, local_tensor, reshard
 from dinov2.layers import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
-from dinov2.models.weights import load_backbone_weights
+from dinov2.models.weights import load_backbone_weights, load_head_weights, read_weights_file
 from dinov2.train.monitors import collapse_monitors
 from dinov2.utils.errors import UserError
 
@@ -56,9 +56,11 @@ class SSLMetaArch(nn.Module):
         super().__init__()
         self.cfg = cfg
         student_backbone, teacher_backbone, embed_dim = build_model_from_cfg(cfg)
-        if cfg.student.pretrained_weights:
-            load_backbone_weights(student_backbone, cfg.student.pretrained_weights, resize_pos_embed=True)
-            logger.info("student backbone initialised from %s", cfg.student.pretrained_weights)
+        pretrained = str(cfg.student.pretrained_weights or "")
+        stored = read_weights_file(pretrained) if pretrained else None
+        if stored is not None:
+            load_backbone_weights(student_backbone, stored, resize_pos_embed=True, source=pretrained)
+            logger.info("student backbone initialised from %s", pretrained)
         self.embed_dim = embed_dim
 
         self.do_dino = cfg.dino.loss_weight > 0
@@ -73,6 +75,10 @@ class SSLMetaArch(nn.Module):
             student["ibot_head"], teacher["ibot_head"] = (self._dino_head(cfg.ibot) for _ in range(2))
         self.student = nn.ModuleDict(student)
         self.teacher = nn.ModuleDict(teacher)
+        if stored is not None:
+            heads = {name: module for name, module in student.items() if name != "backbone"}
+            for name in load_head_weights(heads, stored, pretrained):
+                logger.info("student %s initialised from %s", name, pretrained)
 
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
         self.koleo_loss = KoLeoLoss()
