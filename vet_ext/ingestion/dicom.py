@@ -11,6 +11,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pydicom
@@ -182,10 +183,10 @@ def _display(frame: np.ndarray, ds: Dataset, invert: bool) -> np.ndarray:
     """
     if frame.dtype.kind == "u" and frame.dtype.itemsize <= 2:
         table = apply_modality_lut(np.arange(int(frame.max()) + 1, dtype=frame.dtype), ds)
-        shown = _apply_voi(table, ds, sample=table[percentile_sample(frame)])
+        shown = _apply_voi(table, ds, sample=lambda: table[percentile_sample(frame)])
         return _invert(shown, invert).astype(np.float32)[frame]
     values = apply_modality_lut(frame, ds)
-    return _invert(_apply_voi(values, ds, sample=percentile_sample(values)), invert).astype(np.float32)
+    return _invert(_apply_voi(values, ds, sample=lambda: percentile_sample(values)), invert).astype(np.float32)
 
 
 def _invert(shown: np.ndarray, invert: bool) -> np.ndarray:
@@ -236,8 +237,9 @@ def _luma(frame: np.ndarray, ds: Dataset) -> np.ndarray:
     return (rgb @ np.array([0.299, 0.587, 0.114])).astype(np.float32)
 
 
-def _apply_voi(values: np.ndarray, ds: Dataset, sample: np.ndarray) -> np.ndarray:
-    """Map modality values to [0, 1] (float64) with the file's own VOI, else the robust range of `sample`."""
+def _apply_voi(values: np.ndarray, ds: Dataset, sample: Callable[[], np.ndarray]) -> np.ndarray:
+    """Map modality values to [0, 1] (float64) with the file's own VOI, else the robust range of `sample()`
+    (the image's values, read only when no VOI is given)."""
     if ds.get("VOILUTSequence"):
         return _apply_voi_lut_sequence(values, ds)
     if "WindowCenter" in ds and "WindowWidth" in ds:
@@ -246,7 +248,7 @@ def _apply_voi(values: np.ndarray, ds: Dataset, sample: np.ndarray) -> np.ndarra
         function = _text(ds, "VOILUTFunction").upper() or "LINEAR"
         if width >= 1 or (width > 0 and function != "LINEAR"):
             return voi_window(values, center, width, function)
-    return linear_window(values, *percentile_bounds(sample))
+    return linear_window(values, *percentile_bounds(sample()))
 
 
 def _apply_voi_lut_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray:
