@@ -31,6 +31,8 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from dinov2.eval.results import write_results  # noqa: E402
+from dinov2.logging.metrics import read_metrics  # noqa: E402
+from dinov2.train.monitors import MONITORS  # noqa: E402
 from dinov2.train.train import Trainer  # noqa: E402
 from dinov2.utils.cli import ConfigArgumentParser, run_cli  # noqa: E402
 from dinov2.utils.config import setup_run  # noqa: E402
@@ -68,6 +70,16 @@ def _train(config_file: Path, output_dir: Path, opts: list[str]) -> tuple[Path, 
     return export, time.perf_counter() - started
 
 
+def training_health(output_dir: Path) -> dict[str, float]:
+    """The collapse monitors at the last logged iteration and the loss change over the last half of
+    the run: a comparison between two stalled runs says nothing about view invariance."""
+    records = read_metrics(output_dir / "training_metrics.json")
+    last, middle = records[-1], records[len(records) // 2]
+    health = {key: round(last[key], 4) for key in MONITORS if key in last}
+    health["total_loss_change_last_half"] = round(last["total_loss"] - middle["total_loss"], 4)
+    return health
+
+
 def budget_opts(cfg_file: Path, iterations: int | None) -> list[str]:
     """The iteration budget as config keys: one 'epoch' of `iterations`, warm-ups scaled to it."""
     if iterations is None:
@@ -94,7 +106,9 @@ def compare(args, out: Path, data: Path, config_file: Path, device: str) -> tupl
                 "--random-init", mv_cfg.student.arch, "--data", str(data), "--output-dir", str(out / "suite"),
                 "--c-grid-size", "12", "--linear-epochs", "5", "--epoch-length", "50"])
     results = json.loads((out / "suite" / "results.json").read_text())
-    timings = {"multi-view training s": round(mv_seconds, 1), "single-view training s": round(sv_seconds, 1)}
+    timings = {"multi-view training s": round(mv_seconds, 1), "single-view training s": round(sv_seconds, 1),
+               "multi-view training health": training_health(out / "multiview"),
+               "single-view training health": training_health(out / "singleview")}  # fmt: skip
     return results["comparison"]["rows"], timings
 
 

@@ -16,6 +16,11 @@ import torch
 from dinov2.utils.io import atomic_write_text
 
 
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
+    """Every logged iteration of a `training_metrics.json`, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 class MetricsLog:
     def __init__(self, path: str | Path, window: int = 20) -> None:
         self.path = Path(path)
