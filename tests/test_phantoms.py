@@ -203,3 +203,17 @@ def test_command_line(tmp_path):
     refused = subprocess.run(command + ["--studies", "0"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     assert single_error_line(refused.stderr).startswith("error: --studies")
+
+
+def test_labels_are_what_the_views_show():
+    """A finding the body has but no view holds (the heart of an abdominal study) is not labelled."""
+    parts = {}
+    for index in range(60):
+        study = make_study(index, 0, 32, findings={"cardiomegaly": True, "pleural_effusion": True})
+        parts.setdefault(study.body_part, study)
+        if len(parts) == 3:
+            break
+    for part, study in parts.items():
+        assert study.present["cardiomegaly"] == 1 and study.present["pleural_effusion"] == 1
+        expected = int(part != "ABDOMEN")
+        assert study.labels["cardiomegaly"] == expected and study.labels["pleural_effusion"] == expected, part

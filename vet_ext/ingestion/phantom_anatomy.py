@@ -301,7 +301,8 @@ def _head_and_neck(plan: StudyPlan) -> list[Primitive]:
 
 LIMB_ROOTS = ((-0.30, -1), (-0.30, 1), (0.34, -1), (0.34, 1))  # (x fraction of length, side): fore, hind
 BONE_LENGTHS = (0.27, 0.27, 0.10)  # upper, lower, paw; fraction of trunk length
-FRACTURED_BONE = 1  # the lower long bone (radius/ulna or tibia) is the one that breaks
+FRACTURED_BONE = 0  # the upper long bone (humerus or femur) breaks: inside a thoracic or abdominal lateral's field
+# (the lower one, radius/ulna or tibia, lies below the trunk, outside every view but a whole-body one)
 
 
 def _limb_joints(plan: StudyPlan, limb: int) -> list[np.ndarray]:

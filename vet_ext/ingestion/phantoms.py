@@ -5,7 +5,8 @@ phantom is built from analytic primitives (ellipsoids, cylinders, capsules) whos
 adds up, so a view is the exact line integral through ONE body (Beer-Lambert plus quantum
 noise): the lateral and ventro-dorsal views of a study agree geometrically, the way the
 multi-view objective assumes real studies do. Findings are study-level changes to the body, so
-they show in every view.
+they show in every view whose field holds them; a study is labelled with the findings one of its
+views shows (`readable_findings`), as a radiologist would report it.
 
 The body comes from `phantom_anatomy`, its line integrals from `phantom_projection`; this module
 exposes the views (dose, noise, detector saturation), writes them as DICOM studies in the ways
@@ -71,9 +72,43 @@ class PhantomStudy:
     study_uid: str
     species: str
     body_part: str
-    labels: dict[str, int]
+    labels: dict[str, int]  # what a reader can see in the study's views (`readable_findings`)
     views: list[PhantomView]
     landmarks: dict[str, np.ndarray]
+    present: dict[str, int]  # what the body has, seen or not
+
+
+# the landmark that must be in a view's field for a reader to see the finding there
+FINDING_LANDMARK = {"cardiomegaly": "heart", "pleural_effusion": "thorax", "mass": "mass", "fracture": "fracture"}
+FIELD_MARGIN = 0.08  # collimation hides up to 7 % of each side: a landmark must sit inside the inner 84 %
+FRACTURE_MIN_GAP_PIXELS = 1.5  # a narrower gap is lost in the pixels
+
+
+def in_field(point: np.ndarray, detector: Detector, margin: float = FIELD_MARGIN) -> bool:
+    """Whether a world point projects inside the view's field, clear of any collimation border."""
+    row, col = detector.pixel_of(point)
+    rows, cols = detector.shape
+    return margin * rows <= row <= (1 - margin) * rows - 1 and margin * cols <= col <= (1 - margin) * cols - 1
+
+
+def readable_findings(plan: StudyPlan, points: Mapping[str, np.ndarray], detectors: Mapping[str, Detector]) -> dict[str, int]:
+    """The study's labels: a finding is 1 when the body has it AND some view shows it.
+
+    An abdominal study of a dog with cardiomegaly shows no heart, so a reader (and a model)
+    cannot call it: labelling it 1 there would teach and score the impossible. A fracture counts
+    only on a lateral (the long bones run along a VD/DV beam, end-on) and only when its gap spans
+    a pixel and a half.
+    """
+    labels = {}
+    for name in FINDINGS:
+        seen = False
+        for view, detector in detectors.items():
+            too_fine = plan.fracture_gap * plan.length < FRACTURE_MIN_GAP_PIXELS * detector.spacing
+            if name == "fracture" and (view not in LATERAL or too_fine):
+                continue
+            seen = seen or in_field(points[FINDING_LANDMARK[name]], detector)
+        labels[name] = int(bool(plan.findings[name]) and seen)
+    return labels
 
 
 _PART_X_RANGE = {"THORAX": (-0.62, 0.12), "ABDOMEN": (-0.12, 0.62), "WHOLE BODY": (-1.08, 0.95)}
@@ -115,7 +150,9 @@ def make_study(study_index: int, seed: int = 0, size: int = 512, *, findings: Ma
         line_integral = project(parts, detector)
         sop_uid = pydicom.uid.generate_uid(entropy_srcs=[UID_ROOT, str(seed), str(study_index), str(number)])
         out.append(_expose_view(rng, view, number, line_integral, sop_uid, detector, body_part, shared))
-    return PhantomStudy(study_uid, plan.species, body_part, dict(plan.findings), out, landmarks(plan))
+    points = landmarks(plan)
+    labels = readable_findings(plan, points, {view.view: view.detector for view in out})
+    return PhantomStudy(study_uid, plan.species, body_part, labels, out, points, dict(plan.findings))
 
 
 def _draw_view_set(rng: np.random.Generator) -> list[str]:
