@@ -168,9 +168,9 @@ class SSLMetaArch(nn.Module):
         fresh heads on a released backbone would otherwise push large, random gradients into
         features that are already good (head warm-up for continued pretraining). `images` may be a
         dict in upstream's format (stored batches, users' collates): it becomes an `SSLBatch` here.
+        The batch is on the model's device already (the pipeline's `to_device` moved it).
         """
         batch = SSLBatch.from_mapping(images)
-        batch = batch.to(batch.collated_global_crops.device)  # a no-op for a batch the trainer moved
         cls_targets, patch_targets, teacher_cls = self.teacher_targets(batch, teacher_temp)
 
         global_crops, local_crops = batch.collated_global_crops, batch.collated_local_crops
